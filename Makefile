@@ -1,0 +1,63 @@
+# Everyday commands. A fresh clone can run `make test` directly: the venv is built on demand.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+PG15_DSN ?= postgresql://postgres@127.0.0.1:5432/postgres
+MEOWMX_PG_PORT ?= 5432
+COMPOSE_DSN ?= postgresql://postgres@127.0.0.1:$(MEOWMX_PG_PORT)/postgres
+# Lint only the Python dirs that exist (examples/ and benchmarks/ may come later).
+PY_DIRS := $(wildcard python tests examples benchmarks)
+
+.PHONY: setup test lint fmt demo bench bench-smoke test-pg15 compose-up compose-test clean
+
+setup: $(STAMP)
+
+# Re-install when pyproject.toml changes (new dependencies, entry points).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/sqlfluff lint python/meowmx/sql
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/sqlfluff fix python/meowmx/sql
+	$(BIN)/ruff check --fix $(PY_DIRS)
+	$(BIN)/ruff format $(PY_DIRS)
+
+demo: $(STAMP)
+	$(BIN)/meowmx demo
+
+bench: $(STAMP)
+	$(BIN)/python -m meowmx.bench
+
+# A short benchmark run for CI, once the benchmark module exists.
+bench-smoke: $(STAMP)
+	@if [ -f python/meowmx/bench.py ]; then \
+		$(BIN)/python -m meowmx.bench --smoke; \
+	else \
+		echo "bench-smoke: python/meowmx/bench.py not there yet, skipping"; \
+	fi
+
+# The suite against the machine's PostgreSQL 15 (fixtures make their own databases there).
+test-pg15: $(STAMP)
+	MEOWMX_TEST_DSN='$(PG15_DSN)' $(BIN)/pytest $(PYTEST_ARGS)
+
+compose-up:
+	MEOWMX_PG_PORT=$(MEOWMX_PG_PORT) docker compose up -d --wait
+
+compose-test: compose-up $(STAMP)
+	MEOWMX_TEST_DSN='$(COMPOSE_DSN)' $(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,505 @@
+"""The Python binding: every method is one call of one meowmx SQL function."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import RowMaker, class_row
+from psycopg.types.json import Jsonb
+
+from meowmx.connection import Connector, Target
+from meowmx.errors import translated
+
+Conn = psycopg.Connection[Any]
+T = TypeVar("T")
+JsonObject = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Appended:
+    version: int
+    position: int
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append; `id` makes a retry of the append idempotent."""
+
+    type: str
+    data: JsonObject
+    metadata: JsonObject | None = None
+    id: uuid.UUID | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        event: dict[str, Any] = {"type": self.type, "data": self.data}
+        if self.metadata is not None:
+            event["metadata"] = self.metadata
+        if self.id is not None:
+            event["id"] = str(self.id)
+        return event
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    position: int
+    transaction_id: int
+    category: str
+    stream_id: str
+    version: int
+    event_type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any] | None
+    event_id: uuid.UUID | None
+    recorded_at: datetime.datetime
+    cursor: str
+
+
+@dataclass(frozen=True)
+class ClaimedEvent(RecordedEvent):
+    """An event handed to a worker by claim_batch, with the partition it came from."""
+
+    partition: int
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    subscription: str
+    partition: int
+    checkpoint: str
+    events_behind: int
+    lease_owner: str | None
+    lease_expires_at: datetime.datetime | None
+    attempts: int
+    last_error: str | None
+    retry_at: datetime.datetime | None
+    parked: int
+
+
+@dataclass(frozen=True)
+class ParkedEvent:
+    partition: int
+    position: int
+    category: str
+    stream_id: str
+    version: int
+    event_type: str
+    attempts: int
+    error: str | None
+    parked_at: datetime.datetime
+
+
+@dataclass(frozen=True)
+class HorizonBlocker:
+    """A transaction holding the read horizon back (pid is None for a prepared one)."""
+
+    pid: int | None
+    database: str | None
+    username: str | None
+    application_name: str | None
+    state: str | None
+    transaction_id: int
+    transaction_age: datetime.timedelta | None
+    query: str | None
+
+
+_EVENT_FIELDS = [f.name for f in fields(RecordedEvent)]
+
+
+def event_rows(cursor: psycopg.Cursor[Any]) -> RowMaker[RecordedEvent]:
+    """Row factory for meowmx.recorded_event and claimed_event rows.
+
+    Picks columns by name, so columns a later schema adds are ignored.
+    """
+    names = [column.name for column in cursor.description or ()]
+    cls = ClaimedEvent if "partition" in names else RecordedEvent
+    where = [names.index(f.name) for f in fields(cls)]
+    xid = _EVENT_FIELDS.index("transaction_id")
+
+    def make(values: Sequence[Any]) -> RecordedEvent:
+        picked = [values[i] for i in where]
+        picked[xid] = int(picked[xid])  # xid8 arrives as text
+        return cls(*picked)
+
+    return make
+
+
+_EVENT_COLUMNS = (
+    "position, transaction_id::text, category, stream_id, version, event_type,"
+    " data, metadata, event_id, recorded_at, cursor"
+)
+_CLAIMED_COLUMNS = "partition, " + _EVENT_COLUMNS
+
+
+class Client:
+    """meowmx for Python. `target` is a DSN, a psycopg connection, or a psycopg_pool pool.
+
+    Every method takes `conn=`: pass your own connection to make the call part of
+    your transaction (so events and read-model writes commit together). meowmx
+    never commits a connection it was given.
+    """
+
+    def __init__(self, target: Target):
+        self._connect = Connector(target)
+
+    def close(self) -> None:
+        """Close the connection the client opened for a DSN, if any."""
+        self._connect.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, conn: Conn | None, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        with self._connect(conn) as c, translated():
+            return c.execute(sql, params).fetchall()
+
+    def _events(
+        self, conn: Conn | None, sql: str, params: Mapping[str, Any]
+    ) -> list[RecordedEvent]:
+        with self._connect(conn) as c, translated(), c.cursor(row_factory=event_rows) as cur:
+            return cur.execute(sql, params).fetchall()
+
+    def _objects(self, cls: type[T], sql: str, params: Mapping[str, Any]) -> list[T]:
+        with self._connect(None) as c, translated(), c.cursor(row_factory=class_row(cls)) as cur:
+            return cur.execute(sql, params).fetchall()
+
+    # Appends ------------------------------------------------------------------
+
+    def append(
+        self,
+        category: str,
+        stream_id: str,
+        event_type: str,
+        data: JsonObject,
+        *,
+        expected_version: int | None = None,
+        metadata: JsonObject | None = None,
+        event_id: uuid.UUID | None = None,
+        conn: Conn | None = None,
+    ) -> Appended:
+        """Append one event. Raises WrongExpectedVersion if the stream moved on."""
+        row = self._call(
+            conn,
+            "SELECT version, position FROM meowmx.append_event("
+            "category => %(category)s, stream_id => %(stream_id)s,"
+            " event_type => %(event_type)s, data => %(data)s,"
+            " expected_version => %(expected_version)s, metadata => %(metadata)s,"
+            " event_id => %(event_id)s)",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "event_type": event_type,
+                "data": Jsonb(data),
+                "expected_version": expected_version,
+                "metadata": None if metadata is None else Jsonb(metadata),
+                "event_id": event_id,
+            },
+        )[0]
+        return Appended(*row)
+
+    def append_many(
+        self,
+        category: str,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = None,
+        conn: Conn | None = None,
+    ) -> list[Appended]:
+        """Append several events atomically, with consecutive versions."""
+        rows = self._call(
+            conn,
+            "SELECT version, position FROM meowmx.append_events("
+            "category => %(category)s, stream_id => %(stream_id)s, events => %(events)s,"
+            " expected_version => %(expected_version)s)",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "events": Jsonb([event.as_json() for event in events]),
+                "expected_version": expected_version,
+            },
+        )
+        return [Appended(*row) for row in rows]
+
+    # Reads --------------------------------------------------------------------
+
+    def stream_version(self, category: str, stream_id: str, *, conn: Conn | None = None) -> int:
+        """The stream's current version; 0 if it does not exist."""
+        sql = "SELECT meowmx.stream_version(category => %(category)s, stream_id => %(stream_id)s)"
+        version: int = self._call(conn, sql, {"category": category, "stream_id": stream_id})[0][0]
+        return version
+
+    def read_stream_page(
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        max_count: int = 1000,
+        backwards: bool = False,
+        conn: Conn | None = None,
+    ) -> list[RecordedEvent]:
+        """One page of a stream's events in version order."""
+        return self._events(
+            conn,
+            f"SELECT {_EVENT_COLUMNS} FROM meowmx.read_stream("
+            "category => %(category)s, stream_id => %(stream_id)s,"
+            " from_version => %(from_version)s, max_count => %(max_count)s,"
+            " backwards => %(backwards)s)",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "from_version": from_version,
+                "max_count": max_count,
+                "backwards": backwards,
+            },
+        )
+
+    def read_stream(
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        backwards: bool = False,
+        page_size: int = 1000,
+        conn: Conn | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """A stream's events, fetched lazily page by page."""
+        while True:
+            page = self.read_stream_page(
+                category,
+                stream_id,
+                from_version=from_version,
+                max_count=page_size,
+                backwards=backwards,
+                conn=conn,
+            )
+            yield from page
+            if len(page) < page_size:
+                return
+            from_version = page[-1].version + (-1 if backwards else 1)
+            if from_version < 1:
+                return
+
+    def read_events_page(
+        self,
+        *,
+        after: str | None = None,
+        max_count: int = 1000,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+        conn: Conn | None = None,
+    ) -> list[RecordedEvent]:
+        """One page of events in commit order; pass the last row's `cursor` as `after`."""
+        return self._events(
+            conn,
+            f"SELECT {_EVENT_COLUMNS} FROM meowmx.read_events("
+            "after => %(after)s, max_count => %(max_count)s,"
+            " categories => %(categories)s, event_types => %(event_types)s)",
+            {
+                "after": after,
+                "max_count": max_count,
+                "categories": None if categories is None else list(categories),
+                "event_types": None if event_types is None else list(event_types),
+            },
+        )
+
+    def read_events(
+        self,
+        *,
+        after: str | None = None,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+        page_size: int = 1000,
+        conn: Conn | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """All events (or some categories or types) in commit order, fetched lazily.
+
+        Ends at the read horizon: events of transactions still running when a page
+        is read come later, to a reader that continues from the last cursor.
+        """
+        while True:
+            page = self.read_events_page(
+                after=after,
+                max_count=page_size,
+                categories=categories,
+                event_types=event_types,
+                conn=conn,
+            )
+            yield from page
+            if len(page) < page_size:
+                return
+            after = page[-1].cursor
+
+    def schema_version(self, *, conn: Conn | None = None) -> int:
+        """The installed schema version (the newest migration applied)."""
+        version: int = self._call(conn, "SELECT meowmx.version()", {})[0][0]
+        return version
+
+    # Subscriptions --------------------------------------------------------------
+
+    def create_subscription(
+        self,
+        name: str,
+        *,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+        partitions: int = 1,
+        start_at: str = "beginning",
+        max_attempts: int = 10,
+    ) -> bool:
+        """Create a subscription; True if created, False if it exists identically."""
+        created: bool = self._call(
+            None,
+            "SELECT meowmx.create_subscription(name => %(name)s, categories => %(categories)s,"
+            " event_types => %(event_types)s, partitions => %(partitions)s,"
+            " start_at => %(start_at)s, max_attempts => %(max_attempts)s)",
+            {
+                "name": name,
+                "categories": None if categories is None else list(categories),
+                "event_types": None if event_types is None else list(event_types),
+                "partitions": partitions,
+                "start_at": start_at,
+                "max_attempts": max_attempts,
+            },
+        )[0][0]
+        return created
+
+    def drop_subscription(self, name: str) -> bool:
+        """Drop a subscription with its checkpoints and parked events; False if absent."""
+        sql = "SELECT meowmx.drop_subscription(name => %(name)s)"
+        dropped: bool = self._call(None, sql, {"name": name})[0][0]
+        return dropped
+
+    def reset_subscription(self, name: str, start_at: str = "beginning") -> None:
+        """Move every partition to 'beginning', 'end' or a cursor."""
+        sql = "SELECT meowmx.reset_subscription(name => %(name)s, start_at => %(start_at)s)"
+        self._call(None, sql, {"name": name, "start_at": start_at})
+
+    def claim_batch(
+        self,
+        subscription: str,
+        worker: str,
+        *,
+        max_count: int = 100,
+        lease: timedelta = timedelta(seconds=30),
+        conn: Conn | None = None,
+    ) -> list[ClaimedEvent]:
+        """Claim a partition with work waiting and return its next events, in order."""
+        events = self._events(
+            conn,
+            f"SELECT {_CLAIMED_COLUMNS} FROM meowmx.claim_batch(subscription => %(subscription)s,"
+            " worker => %(worker)s, max_count => %(max_count)s, lease => %(lease)s)",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "max_count": max_count,
+                "lease": lease,
+            },
+        )
+        return events  # type: ignore[return-value]
+
+    def ack(
+        self,
+        subscription: str,
+        worker: str,
+        partition: int,
+        event_position: int,
+        *,
+        conn: Conn | None = None,
+    ) -> None:
+        """Mark the event, and those before it in the batch, as handled."""
+        self._call(
+            conn,
+            "SELECT meowmx.ack(subscription => %(subscription)s, worker => %(worker)s,"
+            " partition => %(partition)s, event_position => %(event_position)s)",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "partition": partition,
+                "event_position": event_position,
+            },
+        )
+
+    def nack(
+        self,
+        subscription: str,
+        worker: str,
+        partition: int,
+        event_position: int,
+        error: str,
+        *,
+        retry_after: timedelta = timedelta(0),
+        conn: Conn | None = None,
+    ) -> bool:
+        """Record a failure of the event; True if it was parked (a dead letter)."""
+        parked: bool = self._call(
+            conn,
+            "SELECT meowmx.nack(subscription => %(subscription)s, worker => %(worker)s,"
+            " partition => %(partition)s, event_position => %(event_position)s,"
+            " error => %(error)s, retry_after => %(retry_after)s)",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "partition": partition,
+                "event_position": event_position,
+                "error": error,
+                "retry_after": retry_after,
+            },
+        )[0][0]
+        return parked
+
+    def release(self, subscription: str, worker: str) -> int:
+        """Give up the worker's leases; returns how many partitions it held."""
+        sql = "SELECT meowmx.release(subscription => %(subscription)s, worker => %(worker)s)"
+        released: int = self._call(None, sql, {"subscription": subscription, "worker": worker})[0][
+            0
+        ]
+        return released
+
+    def subscription_status(self, name: str | None = None) -> list[PartitionStatus]:
+        """One row per partition: checkpoint, lag, lease, failures, parked count."""
+        sql = "SELECT * FROM meowmx.subscription_status(name => %(name)s)"
+        return self._objects(PartitionStatus, sql, {"name": name})
+
+    def list_parked(self, subscription: str, *, max_count: int = 100) -> list[ParkedEvent]:
+        sql = (
+            "SELECT * FROM meowmx.list_parked(subscription => %(subscription)s,"
+            " max_count => %(max_count)s)"
+        )
+        return self._objects(
+            ParkedEvent, sql, {"subscription": subscription, "max_count": max_count}
+        )
+
+    def requeue_parked(self, subscription: str, event_position: int) -> int:
+        """Deliver a parked event again (its partition rewinds to just before it)."""
+        sql = (
+            "SELECT meowmx.requeue_parked(subscription => %(subscription)s,"
+            " event_position => %(event_position)s)"
+        )
+        params = {"subscription": subscription, "event_position": event_position}
+        removed: int = self._call(None, sql, params)[0][0]
+        return removed
+
+    def horizon_blockers(self) -> list[HorizonBlocker]:
+        """Transactions holding the read horizon back, oldest first."""
+        rows = self._call(
+            None,
+            "SELECT pid, database, username, application_name, state,"
+            " transaction_id::text, transaction_age, query FROM meowmx.horizon_blockers()",
+            {},
+        )
+        names = [f.name for f in fields(HorizonBlocker)]
+        blockers = [dict(zip(names, row, strict=True)) for row in rows]
+        return [
+            HorizonBlocker(**{**b, "transaction_id": int(b["transaction_id"])}) for b in blockers
+        ]

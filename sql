@@ -1,0 +1,1 @@
+python/meowmx/sql
