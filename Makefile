@@ -10,7 +10,7 @@ COMPOSE_DSN ?= postgresql://postgres@127.0.0.1:$(MEOWMX_PG_PORT)/postgres
 # Lint only the Python dirs that exist (examples/ and benchmarks/ may come later).
 PY_DIRS := $(wildcard python tests examples benchmarks)
 
-.PHONY: setup test lint fmt demo bench bench-smoke test-pg15 compose-up compose-test clean
+.PHONY: setup test lint fmt demo bench bench-smoke test-pg15 install-extension compose-up compose-test clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,13 @@ bench-smoke: $(STAMP)
 # The suite against the machine's PostgreSQL 15 (fixtures make their own databases there).
 test-pg15: $(STAMP)
 	MEOWMX_TEST_DSN='$(PG15_DSN)' $(BIN)/pytest $(PYTEST_ARGS)
+
+# CREATE EXTENSION meowmx for servers whose files you can write (not managed hosts:
+# there, `meowmx install` or the printed SQL is the way). PG_CONFIG picks the server.
+PG_CONFIG ?= pg_config
+install-extension: $(STAMP)
+	$(BIN)/python -c 'import sys, pathlib; from meowmx.install import write_extension as w; w(pathlib.Path(sys.argv[1]))' \
+		"$$($(PG_CONFIG) --sharedir)/extension"
 
 compose-up:
 	MEOWMX_PG_PORT=$(MEOWMX_PG_PORT) docker compose up -d --wait

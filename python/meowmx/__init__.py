@@ -13,6 +13,8 @@ from meowmx.client import (
     ParkedEvent,
     PartitionStatus,
     RecordedEvent,
+    Snapshot,
+    StreamSummary,
 )
 from meowmx.errors import *  # noqa: F403  (the typed exceptions are part of the API)
 from meowmx.install import install, latest_version, script
@@ -27,6 +29,8 @@ __all__ = [
     "ParkedEvent",
     "PartitionStatus",
     "RecordedEvent",
+    "Snapshot",
+    "StreamSummary",
     "Worker",
     "install",
     "latest_version",

@@ -95,6 +95,19 @@ class ParkedEvent:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    version: int
+    state: dict[str, Any]
+    created_at: datetime.datetime
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    stream_id: str
+    version: int
+
+
+@dataclass(frozen=True)
 class HorizonBlocker:
     """A transaction holding the read horizon back (pid is None for a prepared one)."""
 
@@ -339,6 +352,63 @@ class Client:
             if len(page) < page_size:
                 return
             after = page[-1].cursor
+
+    def list_streams(
+        self, category: str, *, after: str | None = None, max_count: int = 1000
+    ) -> list[StreamSummary]:
+        """One page of a category's streams in stream id order, after `after`."""
+        sql = (
+            "SELECT * FROM meowmx.list_streams(category => %(category)s, after => %(after)s,"
+            " max_count => %(max_count)s)"
+        )
+        params = {"category": category, "after": after, "max_count": max_count}
+        return self._objects(StreamSummary, sql, params)
+
+    def delete_stream(
+        self, category: str, stream_id: str, *, before_version: int | None = None
+    ) -> int:
+        """Delete a stream's events (all, or those before `before_version`); admin only."""
+        sql = (
+            "SELECT meowmx.delete_stream(category => %(category)s, stream_id => %(stream_id)s,"
+            " before_version => %(before_version)s)"
+        )
+        params = {"category": category, "stream_id": stream_id, "before_version": before_version}
+        deleted: int = self._call(None, sql, params)[0][0]
+        return deleted
+
+    def save_snapshot(
+        self,
+        category: str,
+        stream_id: str,
+        version: int,
+        state: JsonObject,
+        *,
+        conn: Conn | None = None,
+    ) -> None:
+        """Store the stream's state as of `version`."""
+        self._call(
+            conn,
+            "SELECT meowmx.save_snapshot(category => %(category)s, stream_id => %(stream_id)s,"
+            " version => %(version)s, state => %(state)s)",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "version": version,
+                "state": Jsonb(state),
+            },
+        )
+
+    def load_snapshot(
+        self, category: str, stream_id: str, *, max_version: int | None = None
+    ) -> Snapshot | None:
+        """The newest snapshot at or below `max_version` (default: the newest), or None."""
+        sql = (
+            "SELECT * FROM meowmx.load_snapshot(category => %(category)s,"
+            " stream_id => %(stream_id)s, max_version => %(max_version)s)"
+        )
+        params = {"category": category, "stream_id": stream_id, "max_version": max_version}
+        found = self._objects(Snapshot, sql, params)
+        return found[0] if found else None
 
     def schema_version(self, *, conn: Conn | None = None) -> int:
         """The installed schema version (the newest migration applied)."""

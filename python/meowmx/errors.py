@@ -133,6 +133,12 @@ class NotParked(MeowmxError):
     sqlstate = "MX025"
 
 
+class InvalidSnapshot(MeowmxError):
+    """The snapshot's version is not one the stream has reached."""
+
+    sqlstate = "MX030"
+
+
 class SchemaTooNew(MeowmxError):
     """The database holds a newer meowmx schema than this package knows."""
 

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -48,6 +49,25 @@ def script(after: int = 0, upto: int | None = None) -> str:
     chosen = [m for m in migrations() if after < m.version <= upto]
     header = f"-- meowmx schema: migrations {after + 1} to {upto}\n"
     return header + "\n".join(f"-- {m.version:04d}_{m.name}.sql\n{m.sql}" for m in chosen)
+
+
+def write_extension(directory: Path) -> list[Path]:
+    """Write meowmx.control and the extension scripts into `directory` (the server's
+    SHAREDIR/extension). The scripts are the migrations: meowmx--1.sql installs
+    version 1 and meowmx--N--M.sql updates, so CREATE EXTENSION chains them."""
+    control = files("meowmx").joinpath("sql", "meowmx.control")
+    written = [directory / "meowmx.control"]
+    written[0].write_text(control.read_text(encoding="utf-8"), encoding="utf-8")
+    previous = None
+    for migration in migrations():
+        name = f"meowmx--{migration.version}.sql"
+        if previous is not None:
+            name = f"meowmx--{previous}--{migration.version}.sql"
+        path = directory / name
+        path.write_text(migration.sql, encoding="utf-8")
+        written.append(path)
+        previous = migration.version
+    return written
 
 
 def applied_versions(conn: psycopg.Connection[Any]) -> list[int]:

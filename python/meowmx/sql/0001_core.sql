@@ -2,6 +2,9 @@
 --
 -- Plain SQL with no psql meta-commands, so any migration tool can apply it.
 -- Names starting with an underscore are private and may change at any time.
+-- Run it in a transaction: the search_path below keeps objects in other
+-- schemas from capturing any name while the functions are created.
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 CREATE SCHEMA meowmx;
 REVOKE ALL ON SCHEMA meowmx FROM PUBLIC;
@@ -76,21 +79,28 @@ BEGIN
 END;
 $$;
 
+-- Names (categories, stream ids, event types, ...) are non-empty and short
+-- enough to index.
+CREATE FUNCTION meowmx._check_name(kind text, name text, errcode text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF name IS NULL OR name = '' OR length(name) > 255 THEN
+        PERFORM meowmx._fail(errcode, format('invalid %s', kind),
+            format('%s is %s', kind, coalesce(quote_literal(left(name, 40)), 'NULL')),
+            format('Pass a non-empty %s of at most 255 characters.', kind));
+    END IF;
+END;
+$$;
+
 CREATE FUNCTION meowmx._check_stream(category text, stream_id text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF category IS NULL OR category = '' OR length(category) > 255 THEN
-        PERFORM meowmx._fail('MX010', 'invalid category',
-            format('category is %s', coalesce(quote_literal(left(category, 40)), 'NULL')),
-            'Pass a non-empty category of at most 255 characters.');
-    END IF;
-    IF stream_id IS NULL OR stream_id = '' OR length(stream_id) > 255 THEN
-        PERFORM meowmx._fail('MX010', 'invalid stream id',
-            format('stream_id is %s', coalesce(quote_literal(left(stream_id, 40)), 'NULL')),
-            'Pass a non-empty stream id of at most 255 characters.');
-    END IF;
+    PERFORM meowmx._check_name('category', category, 'MX010');
+    PERFORM meowmx._check_name('stream_id', stream_id, 'MX010');
 END;
 $$;
 
@@ -300,11 +310,7 @@ LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF event_type IS NULL OR event_type = '' OR length(event_type) > 255 THEN
-        PERFORM meowmx._fail('MX011', 'invalid event type',
-            format('event_type is %s', coalesce(quote_literal(left(event_type, 40)), 'NULL')),
-            'Pass a non-empty event type of at most 255 characters.');
-    END IF;
+    PERFORM meowmx._check_name('event_type', event_type, 'MX011');
     IF data IS NULL OR jsonb_typeof(data) <> 'object' THEN
         PERFORM meowmx._fail('MX012', 'event data must be a JSON object',
             format('data is %s', coalesce(jsonb_typeof(data), 'NULL')),

@@ -5,6 +5,7 @@
 -- and at most one lease. Workers claim a partition with claim_batch, then ack
 -- or nack what they were given; each call is one short statement, so workers
 -- run behind transaction-mode poolers and hold no transaction open.
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 CREATE TABLE meowmx.subscriptions (
     name text PRIMARY KEY,
@@ -88,20 +89,6 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION meowmx._check_worker(worker text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF worker IS NULL OR worker = '' OR length(worker) > 255 THEN
-        PERFORM meowmx._fail('MX024', 'invalid worker name',
-            format('worker is %s', coalesce(quote_literal(left(worker, 40)), 'NULL')),
-            'Name each worker uniquely (for example host, process id and a random '
-            'suffix), at most 255 characters.');
-    END IF;
-END;
-$$;
-
 -- A start place ('beginning', 'end' or a cursor) as a checkpoint.
 CREATE FUNCTION meowmx._start_checkpoint(start_at text, OUT xid xid8, OUT pos bigint)
 LANGUAGE plpgsql STABLE
@@ -140,11 +127,7 @@ DECLARE
     existing meowmx.subscriptions;
     start record;
 BEGIN
-    IF name IS NULL OR name = '' OR length(name) > 255 THEN
-        PERFORM meowmx._fail('MX024', 'invalid subscription name',
-            format('name is %s', coalesce(quote_literal(left(name, 40)), 'NULL')),
-            'Pass a non-empty name of at most 255 characters.');
-    END IF;
+    PERFORM meowmx._check_name('name', name, 'MX024');
     PERFORM meowmx._check_filter('categories', categories);
     PERFORM meowmx._check_filter('event_types', event_types);
     IF partitions IS NULL OR partitions < 1 OR partitions > 1024 THEN
@@ -248,7 +231,7 @@ DECLARE
     -- Scan enough to find about max_count events of one partition.
     scan_size integer := least(10000, max_count * sub.partitions);
 BEGIN
-    PERFORM meowmx._check_worker(worker);
+    PERFORM meowmx._check_name('worker', worker, 'MX024');
     PERFORM meowmx._check_max_count(max_count);
     IF lease IS NULL OR lease <= '0' OR lease > '1 day' THEN
         PERFORM meowmx._fail('MX024', 'lease out of range',
@@ -337,7 +320,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM meowmx._check_worker(worker);
+    PERFORM meowmx._check_name('worker', worker, 'MX024');
     SELECT * INTO part FROM meowmx.subscription_partitions AS p
     WHERE p.subscription = sub.name AND p.partition = _batch_event.partition
     FOR UPDATE;
@@ -465,7 +448,7 @@ DECLARE
     sub meowmx.subscriptions := meowmx._subscription(subscription);
     released integer;
 BEGIN
-    PERFORM meowmx._check_worker(worker);
+    PERFORM meowmx._check_name('worker', worker, 'MX024');
     UPDATE meowmx.subscription_partitions AS p SET
         lease_owner = NULL, lease_expires_at = NULL, lease_duration = NULL,
         batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL

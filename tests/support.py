@@ -1,0 +1,100 @@
+"""Small helpers shared by the core test files (no fixtures here: see conftest.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+import meowmx
+
+Connection = psycopg.Connection[Any]
+T = TypeVar("T")
+
+
+def call_sql(conn: Connection, function: str, columns: str = "*", **named: Any) -> list[Any]:
+    """``SELECT columns FROM meowmx.function(name => value, ...)``: named arguments only.
+
+    Dicts and lists of dicts are sent as jsonb; pass ``psycopg.types.json.Jsonb`` to send
+    any other JSON value (a bare string, number, array, or JSON null).
+    """
+    params = {
+        name: Jsonb(value) if isinstance(value, dict) else value for name, value in named.items()
+    }
+    args = ", ".join(f"{name} => %({name})s" for name in params)
+    return conn.execute(f"SELECT {columns} FROM meowmx.{function}({args})", params).fetchall()
+
+
+def event_count(conn: Connection) -> int:
+    return conn.execute("SELECT count(*) FROM meowmx.events").fetchone()[0]  # type: ignore[index]
+
+
+def stream_version(conn: Connection, category: str, stream_id: str) -> int:
+    row = conn.execute(
+        "SELECT meowmx.stream_version(category => %s, stream_id => %s)", [category, stream_id]
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def stream_versions(conn: Connection, category: str, stream_id: str) -> list[int]:
+    rows = call_sql(conn, "read_stream", "version", category=category, stream_id=stream_id)
+    return [row[0] for row in rows]
+
+
+@contextmanager
+def raises_meowmx(cls: type[meowmx.MeowmxError]) -> Iterator[pytest.ExceptionInfo[Any]]:
+    """Expect the typed exception ``cls``, raised from a server error with its SQLSTATE."""
+    with pytest.raises(cls) as info:
+        yield info
+    cause = info.value.__cause__
+    assert isinstance(cause, psycopg.Error), "typed error must come from the server's error"
+    assert cause.sqlstate == cls.sqlstate
+    assert info.value.hint, "every meowmx error carries a HINT"
+
+
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """Poll until ``predicate()`` is truthy; fail after ``timeout`` seconds (not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_for_horizon(conn: Connection) -> None:
+    """Wait until every stored event is below the read horizon (visible to read_events).
+
+    The horizon is cluster-wide: on a shared server another session's transaction may
+    hold it back for a while, which delays reads but must never lose events.
+    """
+
+    def passed() -> bool:
+        row = conn.execute(
+            "SELECT coalesce(max(transaction_id) < pg_snapshot_xmin(pg_current_snapshot()), true)"
+            " FROM meowmx.events"
+        ).fetchone()
+        return bool(row and row[0])
+
+    wait_until(passed, "the read horizon to pass every stored event")
+
+
+def wait_until_blocked(conn: Connection, pid: int) -> None:
+    """Wait until backend ``pid`` is waiting for a lock held by another transaction."""
+
+    def blocked() -> bool:
+        row = conn.execute(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", [pid]
+        ).fetchone()
+        return bool(row and row[0])
+
+    wait_until(blocked, f"backend {pid} to wait for a lock")
+
