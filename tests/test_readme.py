@@ -22,13 +22,19 @@ BLOCK = re.compile(r"^```(\w+)\n(.*?)^```\n", re.S | re.M)
 
 def examples() -> list[tuple[str, str, str | None]]:
     """(language, code, expected output or None) for each sql/python block, in order."""
-    blocks = [(m.group(1), m.group(2), m.end(), m.start()) for m in BLOCK.finditer(README.read_text())]
+    blocks = [
+        (m.group(1), m.group(2), m.end(), m.start()) for m in BLOCK.finditer(README.read_text())
+    ]
     found = []
     for i, (lang, code, end, _) in enumerate(blocks):
         if lang not in ("sql", "python"):
             continue
         after = blocks[i + 1] if i + 1 < len(blocks) else None
-        adjacent = after is not None and after[0] == "text" and README.read_text()[end : after[3]].strip() == ""
+        adjacent = (
+            after is not None
+            and after[0] == "text"
+            and README.read_text()[end : after[3]].strip() == ""
+        )
         found.append((lang, code, after[1] if adjacent and after else None))
     return found
 

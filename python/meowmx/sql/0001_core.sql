@@ -2,9 +2,6 @@
 --
 -- Plain SQL with no psql meta-commands, so any migration tool can apply it.
 -- Names starting with an underscore are private and may change at any time.
--- Run it in a transaction: the search_path below keeps objects in other
--- schemas from capturing any name while the functions are created.
-SET LOCAL search_path = pg_catalog, pg_temp;
 
 CREATE SCHEMA meowmx;
 REVOKE ALL ON SCHEMA meowmx FROM PUBLIC;

@@ -5,7 +5,6 @@
 -- and at most one lease. Workers claim a partition with claim_batch, then ack
 -- or nack what they were given; each call is one short statement, so workers
 -- run behind transaction-mode poolers and hold no transaction open.
-SET LOCAL search_path = pg_catalog, pg_temp;
 
 CREATE TABLE meowmx.subscriptions (
     name text PRIMARY KEY,

@@ -1,5 +1,4 @@
 -- meowmx migration 0003: least-privilege roles, stream management, snapshots.
-SET LOCAL search_path = pg_catalog, pg_temp;
 
 -- Snapshots -------------------------------------------------------------------------
 
