@@ -55,7 +55,7 @@ def write_extension(directory: Path) -> list[Path]:
     """Write meowmx.control and the extension scripts into `directory` (the server's
     SHAREDIR/extension). The scripts are the migrations: meowmx--1.sql installs
     version 1 and meowmx--N--M.sql updates, so CREATE EXTENSION chains them."""
-    control = files("meowmx").joinpath("sql", "meowmx.control")
+    control = files("meowmx").joinpath("sql").joinpath("meowmx.control")
     written = [directory / "meowmx.control"]
     written[0].write_text(control.read_text(encoding="utf-8"), encoding="utf-8")
     previous = None
