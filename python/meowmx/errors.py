@@ -36,15 +36,16 @@ class WrongExpectedVersion(MeowmxError):
 
     @property
     def expected(self) -> int | None:
-        return self._number("expected version")
+        return self._versions()[0]
 
     @property
     def actual(self) -> int | None:
-        return self._number("actual version")
+        return self._versions()[1]
 
-    def _number(self, label: str) -> int | None:
-        found = re.search(label + r" (-?\d+)", self.detail or "")
-        return int(found.group(1)) if found else None
+    def _versions(self) -> tuple[int | None, int | None]:
+        # The DETAIL ends with the versions; the stream id before them may be any text.
+        found = re.search(r"expected version (-?\d+), actual version (\d+)$", self.detail or "")
+        return (int(found[1]), int(found[2])) if found else (None, None)
 
 
 class EventIdConflict(MeowmxError):

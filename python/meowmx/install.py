@@ -15,7 +15,10 @@ from meowmx.connection import Target, connection
 from meowmx.errors import SchemaTooNew
 
 # Serializes installers: concurrent processes apply each migration exactly once.
-_INSTALL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('meowmx/install', 0))"
+# Names are qualified: the installing session's search_path may hold anything.
+_INSTALL_LOCK = (
+    "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('meowmx/install', 0))"
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def write_extension(directory: Path) -> list[Path]:
 
 def applied_versions(conn: psycopg.Connection[Any]) -> list[int]:
     """Migrations recorded in this database (empty when meowmx is not installed)."""
-    if conn.execute("SELECT to_regclass('meowmx.migrations')").fetchone() == (None,):
+    if conn.execute("SELECT pg_catalog.to_regclass('meowmx.migrations')").fetchone() == (None,):
         return []
     rows = conn.execute("SELECT version FROM meowmx.migrations ORDER BY version").fetchall()
     return [row[0] for row in rows]

@@ -127,12 +127,16 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF names IS NOT NULL AND (
-        cardinality(names) = 0 OR array_position(names, NULL) IS NOT NULL
-        OR '' = ANY(names)
+        coalesce(array_ndims(names), 0) <> 1
+        OR EXISTS (
+            SELECT FROM unnest(names) AS n (name)
+            WHERE NOT coalesce(meowmx._valid_name(n.name), false)
+        )
     ) THEN
         PERFORM meowmx._fail('MX018', format('invalid %s filter', name),
             format('%s is %s', name, names::text),
-            format('Pass NULL for all %s, or a non-empty array of non-empty names.', name));
+            format('Pass NULL for all %s, or a one-dimensional array of names '
+                'of 1 to 255 characters.', name));
     END IF;
 END;
 $$;
@@ -417,7 +421,7 @@ BEGIN
         array_agg(x.value -> 'data' ORDER BY x.ord) AS data,
         array_agg(nullif(x.value -> 'metadata', 'null') ORDER BY x.ord) AS metadata,
         array_agg((x.value ->> 'id')::uuid ORDER BY x.ord) AS ids,
-        count(DISTINCT x.value ->> 'id') AS distinct_ids,
+        count(DISTINCT (x.value ->> 'id')::uuid) AS distinct_ids,
         count(x.value ->> 'id') AS ids_given
     INTO batch
     FROM jsonb_array_elements(events) WITH ORDINALITY AS x (value, ord);

@@ -227,11 +227,12 @@ DECLARE
     scanned integer;
     returned integer;
     last_returned bigint;
-    -- Scan enough to find about max_count events of one partition.
-    scan_size integer := least(10000, max_count * sub.partitions);
+    scan_size integer;
 BEGIN
     PERFORM meowmx._check_name('worker', worker, 'MX024');
     PERFORM meowmx._check_max_count(max_count);
+    -- Scan enough to find about max_count events of one partition.
+    scan_size := least(10000, max_count * sub.partitions);
     IF lease IS NULL OR lease <= '0' OR lease > '1 day' THEN
         PERFORM meowmx._fail('MX024', 'lease out of range',
             format('lease is %s', coalesce(lease::text, 'NULL')),
@@ -414,8 +415,11 @@ BEGIN
     END IF;
 
     IF attempt >= sub.max_attempts THEN
-        INSERT INTO meowmx.parked_events (subscription, partition, position, attempts, error)
-        VALUES (sub.name, nack.partition, failed.position, attempt, error);
+        -- An event parked before a reset or requeue may be parked again.
+        INSERT INTO meowmx.parked_events AS d (subscription, partition, position, attempts, error)
+        VALUES (sub.name, nack.partition, failed.position, attempt, left(error, 10000))
+        ON CONFLICT ON CONSTRAINT parked_events_pkey DO UPDATE
+        SET attempts = excluded.attempts, error = excluded.error, parked_at = now();
         UPDATE meowmx.subscription_partitions AS p SET
             checkpoint_xid = failed.transaction_id, checkpoint_position = failed.position,
             batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
@@ -429,7 +433,7 @@ BEGIN
     UPDATE meowmx.subscription_partitions AS p SET
         checkpoint_xid = failed.transaction_id, checkpoint_position = failed.position - 1,
         batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
-        failing_position = failed.position, attempts = attempt, last_error = error,
+        failing_position = failed.position, attempts = attempt, last_error = left(error, 10000),
         retry_at = at + retry_after,
         lease_expires_at = at + retry_after + p.lease_duration
     WHERE p.subscription = sub.name AND p.partition = nack.partition;

@@ -59,6 +59,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM meowmx._check_stream(category, stream_id);
+    IF max_version < 1 THEN
+        PERFORM meowmx._fail('MX017', 'invalid stream read',
+            format('max_version is %s', max_version),
+            'Versions start at 1; pass NULL for the newest snapshot.');
+    END IF;
     RETURN QUERY
     SELECT s.version, s.state, s.created_at
     FROM meowmx.snapshots AS s

@@ -1,0 +1,878 @@
+"""The ``meowmx`` command line: install, read, tail, subscription status and the demo.
+
+Run ``meowmx COMMAND --help``. Every command takes ``--dsn`` (default: ``$MEOWMX_DSN``).
+Output is plain text (tab-separated tables, JSON lines) when piped, and aligned tables on
+a terminal. Exit status: 0 done, 1 an error reported by the database (or a failed demo
+check), 2 bad usage, no database given, or no connection, 130 interrupted (143 on
+SIGTERM; for `tail`, Ctrl-C and SIGTERM are the normal way to stop: 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import islice
+from types import FrameType
+from typing import IO, Any, NoReturn
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from meowmx.client import Client, RecordedEvent
+from meowmx.errors import MeowmxError
+from meowmx.install import applied_versions, install, latest_version, migrations, script
+
+PROG = "meowmx"
+CONNECT_TIMEOUT = 10  # seconds, unless the DSN or PGCONNECT_TIMEOUT says otherwise
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line ``meowmx: <message>``, exit `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+# Entry point ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (the console script exits with it)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        code: int = args.run(args)
+        sys.stdout.flush()
+        return code
+    except CliError as error:
+        _say(error.message)
+        return error.code
+    except MeowmxError as error:
+        _say(f"{error.message} ({error.sqlstate})", error.detail, error.hint)
+        return 1
+    except psycopg.Error as error:
+        _say(*_describe(error))
+        return 1
+    except BrokenPipeError:  # `meowmx read | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt as interrupt:
+        _say("interrupted")
+        return 143 if isinstance(interrupt, Terminated) else 130
+
+
+def _say(message: str, detail: str | None = None, hint: str | None = None) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    if detail:
+        print(f"DETAIL: {detail}", file=sys.stderr)
+    if hint:
+        print(f"HINT: {hint}", file=sys.stderr)
+
+
+def _describe(error: psycopg.Error) -> tuple[str, str | None, str | None]:
+    """Message, DETAIL and HINT for a database error that is not one of meowmx's own."""
+    diag = error.diag
+    message = diag.message_primary or _one_line(error)
+    hint = diag.message_hint
+    if error.sqlstate == "3F000" and "meowmx" in message:  # invalid_schema_name
+        message = "meowmx is not installed in this database"
+        hint = "Run: meowmx install --dsn ..."
+    elif error.sqlstate == "42883" and "meowmx." in message:  # undefined_function
+        hint = hint or "The meowmx schema may be older than this package: run meowmx install."
+    elif error.sqlstate is None:  # lost connection and the like
+        return f"database error: {_one_line(error)}", None, None
+    return f"{message} ({error.sqlstate})", diag.message_detail, hint
+
+
+def _one_line(error: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return re.sub(r"^connection (failed|is bad): ", "", text)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the exit flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+# Arguments ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr, not the usage text plus a line."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(
+            r"argument COMMAND: invalid choice: (.*?) \(choose from (.*)\)$", message
+        )
+        if unknown:
+            commands = unknown[2].replace("'", "")
+            message = f"unknown command {unknown[1]} (commands: {commands})"
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"
+
+
+def _natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_natural.__name__ = "non-negative integer"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
+
+
+_seconds.__name__ = "number of seconds"
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meowmx")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _parser() -> _Parser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--dsn",
+        default=argparse.SUPPRESS,
+        help="PostgreSQL connection string (default: $MEOWMX_DSN)",
+    )
+    parser = _Parser(
+        prog=PROG,
+        description="meowmx: an event store in PostgreSQL. Every command takes --dsn "
+        "(default: $MEOWMX_DSN).",
+        epilog="New here? Run `meowmx demo`: it starts a throwaway PostgreSQL and runs an "
+        "orders example end to end.",
+    )
+    parser.add_argument("--dsn", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {_package_version()} (schema version {latest_version()})",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str, **kw: Any) -> Any:
+        sub = commands.add_parser(
+            name, parents=[common], help=help, description=kw.pop("description", help), **kw
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    p = command(
+        "install",
+        _install,
+        "apply pending migrations",
+        aliases=["migrate"],
+        description="Apply the migrations this package ships that the database lacks, in "
+        "one transaction. Idempotent; safe when several processes install at once.",
+    )
+    p.add_argument("action", nargs="?", choices=["status"], help="status: same as --status")
+    p.add_argument(
+        "--status", action="store_true", help="list the migrations and whether each is applied"
+    )
+
+    p = command(
+        "sql",
+        _sql,
+        "print the install script for other stacks (needs no database)",
+        description="Print the migrations as one SQL script, for psql (meowmx sql | psql -1 "
+        "-f - DSN) or another stack's migrations. Run it in one transaction.",
+    )
+    p.add_argument(
+        "--from",
+        dest="after",
+        type=_natural,
+        default=0,
+        metavar="N",
+        help="print only what follows schema version N (default 0: everything)",
+    )
+    p.add_argument(
+        "--to",
+        dest="upto",
+        type=_natural,
+        default=None,
+        metavar="M",
+        help=f"stop at schema version M (default: the latest, {latest_version()})",
+    )
+
+    p = command(
+        "append",
+        _append,
+        "append an event to a stream",
+        description="Append one event; prints its version and position as JSON. DATA_JSON "
+        "is a JSON object; without it (or with -) it is read from stdin.",
+        epilog="example: meowmx append order 42 OrderPlaced '{\"amount\": 25}' "
+        "--expected-version 0",
+    )
+    p.add_argument("category", metavar="CATEGORY")
+    p.add_argument("stream_id", metavar="STREAM_ID")
+    p.add_argument("event_type", metavar="TYPE")
+    p.add_argument("data", metavar="DATA_JSON", nargs="?")
+    p.add_argument("--metadata", metavar="JSON", help="event metadata: a JSON object")
+    p.add_argument(
+        "--expected-version",
+        type=int,
+        metavar="N",
+        help="0: the stream must not exist; -1: it must exist; N: it must be at version N",
+    )
+    p.add_argument(
+        "--id", type=uuid.UUID, metavar="UUID", help="event id: makes a retry idempotent"
+    )
+
+    p = command(
+        "read",
+        _read,
+        "print events as JSON lines",
+        description="Print events as JSON lines: all events, or some categories or types, in "
+        "commit order (each line's cursor continues with --after); or the events of "
+        "streams in version order.",
+    )
+    p.add_argument("--category", action="append", metavar="C", help="only category C (repeat)")
+    p.add_argument(
+        "--type", action="append", dest="types", metavar="T", help="only event type T (repeat)"
+    )
+    p.add_argument(
+        "--stream",
+        action="append",
+        dest="streams",
+        metavar="CATEGORY/STREAM_ID",
+        help="the events of this stream (repeat for several)",
+    )
+    p.add_argument("--stream-id", metavar="ID", help="with one --category: that stream")
+    p.add_argument("--after", metavar="CURSOR", help="continue after this cursor")
+    p.add_argument(
+        "--from-version", type=_positive_int, metavar="V", help="streams: start at version V"
+    )
+    p.add_argument("--backwards", action="store_true", help="streams: newest first")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="print at most N events")
+
+    p = command(
+        "tail",
+        _tail,
+        "follow new events live, as JSON lines",
+        description="Print events as JSON lines as they commit (LISTEN meowmx, and polling), "
+        "until Ctrl-C or SIGTERM. Starts at the beginning unless --after or --from-end.",
+    )
+    p.add_argument("--category", action="append", metavar="C", help="only category C (repeat)")
+    p.add_argument(
+        "--type", action="append", dest="types", metavar="T", help="only event type T (repeat)"
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--after", metavar="CURSOR", help="start after this cursor")
+    start.add_argument("--from-end", action="store_true", help="only events from now on")
+    p.add_argument("--max-events", type=_positive_int, metavar="N", help="stop after N events")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="stop after S seconds")
+    p.add_argument(
+        "--poll",
+        type=_seconds,
+        default=1.0,
+        metavar="S",
+        help="look for events at least every S seconds (default 1)",
+    )
+
+    p = command(
+        "subscriptions",
+        _subscriptions,
+        "subscription status, one row per partition",
+        description="Show each partition of each subscription (or of NAME): checkpoint, "
+        "events behind, lease, failures, parked events.",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    p = command(
+        "dead-letters",
+        _dead_letters,
+        "list or requeue parked events",
+        description="List the events a subscription parked after too many failures, or "
+        "requeue one: its partition replays from that event.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--requeue", type=_positive_int, metavar="POSITION", help="requeue this event")
+    p.add_argument(
+        "--limit", type=_positive_int, default=100, metavar="N", help="list at most N (100)"
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    p = command(
+        "horizon",
+        _horizon,
+        "show transactions holding the read horizon back",
+        description="Reads and subscriptions deliver nothing past the oldest transaction "
+        "still running anywhere in the cluster. These are they, oldest first.",
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    p = command(
+        "demo",
+        _demo,
+        "run the orders example end to end",
+        description="Writers place, confirm and ship orders (racing on the same orders, so "
+        "conflicts happen and are retried) while workers build a read model table; then "
+        "check the read model against the event log. Without --dsn or $MEOWMX_DSN it "
+        "starts a throwaway PostgreSQL. With one, it uses table demo_orders and "
+        "subscription orders-read-model there (both recreated).",
+    )
+    p.add_argument(
+        "--seconds", type=_seconds, default=12.0, metavar="S", help="write for S seconds (12)"
+    )
+    p.add_argument("--writers", type=_positive_int, default=4, metavar="N", help="writers (4)")
+    p.add_argument("--workers", type=_positive_int, default=3, metavar="N", help="workers (3)")
+    p.add_argument(
+        "--orders",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="orders in flight at once: fewer means more conflicts (32)",
+    )
+    return parser
+
+
+# Connections ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where to connect: `dsn` has defaults added; `shown` is as given, password hidden."""
+
+    dsn: str
+    shown: str
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """An autocommit connection, or a one-line CliError saying why there is none."""
+        try:
+            return psycopg.connect(self.dsn, autocommit=True)
+        except psycopg.Error as error:
+            raise CliError(f"cannot connect to {self.shown}: {_one_line(error)}", 2) from None
+
+
+def resolve(args: argparse.Namespace, *, required: bool = True) -> Target | None:
+    """--dsn or $MEOWMX_DSN, with an application_name and a connect timeout if unset."""
+    raw = args.dsn or os.environ.get("MEOWMX_DSN") or None
+    if raw is None:
+        if required:
+            raise CliError("no database given: pass --dsn or set MEOWMX_DSN", 2)
+        return None
+    try:
+        given = conninfo_to_dict(raw)
+    except psycopg.ProgrammingError as error:
+        raise CliError(f"invalid DSN {redact(raw)!r}: {_one_line(error)}", 2) from None
+    extra: dict[str, Any] = {}
+    if "application_name" not in given and "PGAPPNAME" not in os.environ:
+        extra["application_name"] = f"{PROG}-{args.command}"
+    if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
+        extra["connect_timeout"] = CONNECT_TIMEOUT
+    return Target(make_conninfo(raw, **extra) if extra else raw, redact(raw))
+
+
+@contextmanager
+def _database(args: argparse.Namespace) -> Iterator[tuple[Target, psycopg.Connection[Any]]]:
+    target = resolve(args)
+    assert target is not None
+    with target.connect() as conn:
+        yield target, conn
+
+
+def redact(dsn: str) -> str:
+    """The DSN with any password replaced by ***."""
+    dsn = re.sub(r"^(\w+://[^:/@?]*):[^@/?]*@", r"\1:***@", dsn)
+    dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
+    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+# Output ---------------------------------------------------------------------------------
+
+
+def is_tty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def event_json(event: RecordedEvent) -> str:
+    """One event as a JSON line."""
+    return json.dumps(
+        {
+            "position": event.position,
+            "transaction_id": event.transaction_id,
+            "category": event.category,
+            "stream_id": event.stream_id,
+            "version": event.version,
+            "event_type": event.event_type,
+            "data": event.data,
+            "metadata": event.metadata,
+            "event_id": None if event.event_id is None else str(event.event_id),
+            "recorded_at": event.recorded_at.isoformat(),
+            "cursor": event.cursor,
+        },
+        ensure_ascii=False,
+        default=str,
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def _json_lines(out: IO[str], objects: Iterable[Any]) -> None:
+    for obj in objects:
+        row = {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
+        print(json.dumps(row, ensure_ascii=False, default=str), file=out)
+
+
+def table(
+    out: IO[str],
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    empty: str,
+    tty: bool | None = None,
+) -> None:
+    """Aligned columns on a terminal (or `empty` when there are no rows); tab-separated
+    values with a header line when piped."""
+    tty = is_tty(out) if tty is None else tty
+    if not tty:
+        print("\t".join(headers), file=out)
+        for row in rows:
+            cells = ("" if v is None else re.sub(r"\s+", " ", str(_plain(v))) for v in row)
+            print("\t".join(cells), file=out)
+        return
+    if not rows:
+        print(empty, file=out)
+        return
+    shown = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in shown)) for i, h in enumerate(headers)]
+    for line in [list(headers), *shown]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=out)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime.datetime):
+        return _relative(value)
+    if isinstance(value, datetime.timedelta):
+        return duration(value.total_seconds())
+    text = re.sub(r"\s+", " ", str(value))
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _relative(at: datetime.datetime) -> str:
+    seconds = (at - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return f"in {duration(seconds)}" if seconds >= 0 else f"{duration(-seconds)} ago"
+
+
+def duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+# Commands -------------------------------------------------------------------------------
+
+
+def _install(args: argparse.Namespace) -> int:
+    with _database(args) as (_, conn):
+        if args.status or args.action == "status":
+            return _install_status(conn)
+        applied = install(conn)
+    shipped = {m.version: m.name for m in migrations()}
+    if applied:
+        names = ", ".join(f"{v:04d}_{shipped[v]}" for v in applied)
+        print(f"applied {names}: meowmx schema version {applied[-1]}")
+    else:
+        print(f"nothing to apply: meowmx schema version {latest_version()} is up to date")
+    return 0
+
+
+def _install_status(conn: psycopg.Connection[Any]) -> int:
+    applied_at: dict[int, datetime.datetime] = {}
+    if applied_versions(conn):
+        rows = conn.execute("SELECT version, applied_at FROM meowmx.migrations").fetchall()
+        applied_at = {version: at for version, at in rows}
+    tty = is_tty(sys.stdout)
+
+    def row(version: int, name: str) -> list[Any]:
+        at = applied_at.pop(version, None)
+        shown = at.isoformat(timespec="seconds") if tty and at else at  # a date, not an age
+        return [f"{version:04d}", name, "no" if at is None else "yes", shown]
+
+    rows = [row(m.version, m.name) for m in migrations()]
+    rows += [row(v, "(newer than this package)") for v in sorted(applied_at)]
+    table(sys.stdout, ["version", "name", "applied", "applied at"], rows, empty="", tty=tty)
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    latest = latest_version()
+    upto = latest if args.upto is None else args.upto
+    if upto > latest or args.after > latest:
+        raise CliError(f"this package ships schema versions 1 to {latest}", 2)
+    if args.after > upto:
+        raise CliError(f"--from {args.after} is past --to {upto}", 2)
+    if args.after == upto:  # a valid, empty script
+        sys.stdout.write(f"-- meowmx schema: nothing to apply after version {upto}\n")
+    else:
+        sys.stdout.write(script(after=args.after, upto=upto))
+    return 0
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CliError(
+            f"{what} is not valid JSON: {error.msg} (line {error.lineno} column {error.colno})",
+            2,
+        ) from None
+
+
+def _append(args: argparse.Namespace) -> int:
+    if args.data is not None and args.data != "-":
+        data = _parse_json(args.data, "DATA_JSON")
+    elif args.data is None and is_tty(sys.stdin):
+        raise CliError("give DATA_JSON, or pipe it on stdin (pass '{}' for no data)", 2)
+    else:
+        data = _parse_json(sys.stdin.read(), "the data on stdin")
+    metadata = None if args.metadata is None else _parse_json(args.metadata, "--metadata")
+    with _database(args) as (_, conn):
+        appended = Client(conn).append(
+            args.category,
+            args.stream_id,
+            args.event_type,
+            data,
+            expected_version=args.expected_version,
+            metadata=metadata,
+            event_id=args.id,
+        )
+    print(json.dumps({"version": appended.version, "position": appended.position}))
+    return 0
+
+
+def _streams(args: argparse.Namespace) -> list[tuple[str, str]]:
+    streams = []
+    for text in args.streams or ():
+        category, slash, stream_id = text.partition("/")
+        if not slash or not category or not stream_id:
+            raise CliError(f"--stream {text!r}: expected CATEGORY/STREAM_ID", 2)
+        streams.append((category, stream_id))
+    if args.stream_id is not None:
+        if len(args.category or ()) != 1:
+            raise CliError("--stream-id needs exactly one --category", 2)
+        streams.append((args.category[0], args.stream_id))
+        args.category = None
+    if streams and (args.category or args.types or args.after):
+        raise CliError("a stream read takes no --category, --type or --after", 2)
+    if not streams and (args.from_version or args.backwards):
+        raise CliError("--from-version and --backwards need --stream", 2)
+    return streams
+
+
+def _read(args: argparse.Namespace) -> int:
+    streams = _streams(args)
+    page = min(1000, args.limit or 1000)
+    with _database(args) as (_, conn):
+        client = Client(conn)
+        events: Iterable[RecordedEvent]
+        if streams:
+            events = (
+                event
+                for category, stream_id in streams
+                for event in client.read_stream(
+                    category,
+                    stream_id,
+                    from_version=args.from_version,
+                    backwards=args.backwards,
+                    page_size=page,
+                )
+            )
+        else:
+            events = client.read_events(
+                after=args.after, categories=args.category, event_types=args.types, page_size=page
+            )
+        out = sys.stdout
+        for event in islice(events, args.limit):
+            out.write(event_json(event) + "\n")
+    return 0
+
+
+def end_cursor(conn: psycopg.Connection[Any]) -> str:
+    """A cursor after every event visible now (what start_at => 'end' means): every
+    transaction still running, or newer, comes after it."""
+    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
+    assert row is not None
+    return f"{row[0]}:0"
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into a KeyboardInterrupt (Terminated) in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    with _database(args) as (target, conn), target.connect() as listener:
+        listener.execute("LISTEN meowmx")
+        after = end_cursor(conn) if args.from_end else args.after
+        if is_tty(sys.stderr) and is_tty(sys.stdout):
+            print(f"{PROG}: following events; Ctrl-C to stop", file=sys.stderr)
+        try:
+            with sigterm_interrupts():
+                follow(
+                    conn,
+                    listener,
+                    after=after,
+                    categories=args.category,
+                    event_types=args.types,
+                    poll=args.poll,
+                    timeout=args.timeout,
+                    max_events=args.max_events,
+                    emit=_print_flushed,
+                )
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop
+            pass
+    return 0
+
+
+def _print_flushed(event: RecordedEvent) -> None:
+    sys.stdout.write(event_json(event) + "\n")
+    sys.stdout.flush()
+
+
+def follow(
+    conn: psycopg.Connection[Any],
+    listener: psycopg.Connection[Any],
+    *,
+    after: str | None,
+    categories: Sequence[str] | None,
+    event_types: Sequence[str] | None,
+    poll: float,
+    timeout: float | None,
+    max_events: int | None,
+    emit: Callable[[RecordedEvent], None],
+) -> int:
+    """Pass events to `emit` as they pass the read horizon; returns how many.
+
+    `listener` has run LISTEN meowmx. Appenders skip their NOTIFY while another open
+    appender will send one, so after a wake-up keep reading until the horizon has
+    passed every transaction that was open then (the snapshot's xmax)."""
+    client = Client(conn)
+    page_size = 1000
+    deadline = None if timeout is None else time.monotonic() + timeout
+    count = 0
+    catch_up_to: int | None = None
+    catch_up_until = 0.0
+    while True:
+        page = client.read_events_page(
+            after=after, max_count=page_size, categories=categories, event_types=event_types
+        )
+        for event in page:
+            emit(event)
+            after = event.cursor
+            count += 1
+            if max_events is not None and count >= max_events:
+                return count
+        if len(page) == page_size:
+            continue
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return count
+        if catch_up_to is not None:
+            if _snapshot_bound(conn, "pg_snapshot_xmin") < catch_up_to and now < catch_up_until:
+                time.sleep(0.005)
+                continue
+            catch_up_to = None
+        wait = poll if deadline is None else min(poll, deadline - now)
+        if any(True for _ in listener.notifies(timeout=wait, stop_after=1)):
+            catch_up_to = _snapshot_bound(conn, "pg_snapshot_xmax")
+            catch_up_until = time.monotonic() + poll
+
+
+def _snapshot_bound(conn: psycopg.Connection[Any], bound: str) -> int:
+    row = conn.execute(f"SELECT {bound}(pg_current_snapshot())::text").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _subscriptions(args: argparse.Namespace) -> int:
+    with _database(args) as (_, conn):
+        status = Client(conn).subscription_status(args.name)
+    if args.json:
+        _json_lines(sys.stdout, status)
+        return 0
+    headers = [
+        "subscription",
+        "partition",
+        "checkpoint",
+        "behind",
+        "lease owner",
+        "lease expires",
+        "attempts",
+        "last error",
+        "parked",
+    ]
+    rows = [
+        [
+            s.subscription,
+            s.partition,
+            s.checkpoint,
+            s.events_behind,
+            s.lease_owner,
+            s.lease_expires_at,
+            s.attempts,
+            s.last_error,
+            s.parked,
+        ]
+        for s in status
+    ]
+    table(sys.stdout, headers, rows, empty="no subscriptions")
+    return 0
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    with _database(args) as (_, conn):
+        client = Client(conn)
+        if args.requeue is not None:
+            removed = client.requeue_parked(args.name, args.requeue)
+            print(
+                f"requeued event {args.requeue} of {args.name}: its partition replays from it "
+                f"({removed} parked event{'' if removed == 1 else 's'} cleared)"
+            )
+            return 0
+        parked = client.list_parked(args.name, max_count=args.limit)
+    if args.json:
+        _json_lines(sys.stdout, parked)
+        return 0
+    headers = ["position", "partition", "stream", "version", "type", "attempts", "error", "parked"]
+    rows = [
+        [
+            p.position,
+            p.partition,
+            f"{p.category}/{p.stream_id}",
+            p.version,
+            p.event_type,
+            p.attempts,
+            p.error,
+            p.parked_at,
+        ]
+        for p in parked
+    ]
+    table(sys.stdout, headers, rows, empty=f"no parked events in {args.name}")
+    return 0
+
+
+def _horizon(args: argparse.Namespace) -> int:
+    with _database(args) as (_, conn):
+        blockers = Client(conn).horizon_blockers()
+    if args.json:
+        _json_lines(sys.stdout, blockers)
+        return 0
+    headers = ["pid", "state", "age", "transaction", "user", "database", "application", "query"]
+    rows = [
+        [
+            b.pid,
+            b.state,
+            b.transaction_age,
+            b.transaction_id,
+            b.username,
+            b.database,
+            b.application_name,
+            b.query,
+        ]
+        for b in blockers
+    ]
+    table(sys.stdout, headers, rows, empty="no transaction is holding the read horizon back")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from meowmx import demo
+
+    target = resolve(args, required=False)
+    if target is not None:
+        target.connect().close()  # a clear error now rather than from a thread later
+    try:
+        with sigterm_interrupts():
+            return demo.run(
+                None if target is None else target.dsn,
+                seconds=args.seconds,
+                writers=args.writers,
+                workers=args.workers,
+                orders=args.orders,
+                out=sys.stdout,
+            )
+    except demo.DemoError as error:
+        raise CliError(str(error), error.code) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
