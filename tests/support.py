@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -97,4 +97,3 @@ def wait_until_blocked(conn: Connection, pid: int) -> None:
         return bool(row and row[0])
 
     wait_until(blocked, f"backend {pid} to wait for a lock")
-

@@ -14,11 +14,11 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
-from support import call_sql, event_count, raises_meowmx, stream_version, stream_versions
 
 import meowmx
 from meowmx import Appended, Client, NewEvent
 from meowmx.errors import translated
+from support import call_sql, event_count, raises_meowmx, stream_version, stream_versions
 
 
 class SqlApi:
@@ -42,7 +42,11 @@ class SqlApi:
         metadata: Any = None,
         event_id: uuid.UUID | None = None,
     ) -> Appended:
-        optional = {"expected_version": expected_version, "metadata": metadata, "event_id": event_id}
+        optional = {
+            "expected_version": expected_version,
+            "metadata": metadata,
+            "event_id": event_id,
+        }
         named = {name: value for name, value in optional.items() if value is not None}
         with translated():
             (row,) = call_sql(
@@ -186,6 +190,16 @@ def test_expected_version(
         assert stream_version(db, "cart", "1") == existing
 
 
+def test_expected_and_actual_do_not_depend_on_the_stream_id(
+    api: Any, db: psycopg.Connection[Any]
+) -> None:
+    stream_id = "a: expected version 7, actual version 8"
+    api.append("cart", stream_id, "Created", {})
+    with raises_meowmx(meowmx.WrongExpectedVersion) as info:
+        api.append("cart", stream_id, "Created", {}, expected_version=0)
+    assert (info.value.expected, info.value.actual) == (0, 1)
+
+
 # Atomic batches ---------------------------------------------------------------------------
 
 BAD_BATCH_MEMBERS = [
@@ -225,7 +239,9 @@ def test_a_batch_whose_last_id_is_taken_writes_nothing(
 # Idempotent retries and event ids ---------------------------------------------------------
 
 
-def test_retrying_a_batch_returns_the_original_result(api: Any, db: psycopg.Connection[Any]) -> None:
+def test_retrying_a_batch_returns_the_original_result(
+    api: Any, db: psycopg.Connection[Any]
+) -> None:
     api.append("cart", "1", "Created", {})
     batch = new_events(3, ids=True)
     first = api.append_many("cart", "1", batch, expected_version=1)
@@ -332,9 +348,14 @@ def test_any_text_is_a_stream_id(api: Any, db: psycopg.Connection[Any], stream_i
     assert api.append("cart", stream_id, "Created", {}).version == 1
     assert [a.version for a in api.append_many("cart", stream_id, new_events(2))] == [2, 3]
     (row,) = call_sql(
-        db, "read_stream", "stream_id, version", category="cart", stream_id=stream_id,
-        backwards=True, max_count=1,
-    )  # fmt: skip
+        db,
+        "read_stream",
+        "stream_id, version",
+        category="cart",
+        stream_id=stream_id,
+        backwards=True,
+        max_count=1,
+    )
     assert tuple(row) == (stream_id, 3)
     assert stream_version(db, "cart", stream_id) == 3
 
@@ -364,8 +385,15 @@ def test_data_and_metadata_are_stored(api: Any, db: psycopg.Connection[Any]) -> 
 
 
 def test_json_null_metadata_is_stored_as_no_metadata(db: psycopg.Connection[Any]) -> None:
-    call_sql(db, "append_event", category="c", stream_id="1", event_type="T", data={},
-             metadata=Jsonb(None))  # fmt: skip
+    call_sql(
+        db,
+        "append_event",
+        category="c",
+        stream_id="1",
+        event_type="T",
+        data={},
+        metadata=Jsonb(None),
+    )
     events = Jsonb([{"type": "T", "data": {}, "metadata": None, "id": None}])
     call_sql(db, "append_events", category="c", stream_id="1", events=events)
     rows = call_sql(db, "read_stream", "metadata, event_id", category="c", stream_id="1")

@@ -524,36 +524,31 @@ BEGIN
             AND e.transaction_id < horizon
         ORDER BY e.transaction_id, e.position
         LIMIT max_count;
-    ELSIF categories IS NOT NULL THEN
-        -- One ordered index range per category, merged.
-        RETURN QUERY
-        SELECT e.*, meowmx._cursor(e.transaction_id, e.position)
-        FROM (SELECT DISTINCT unnest(categories) AS name) AS c
-        CROSS JOIN LATERAL (
-            SELECT ev.* FROM meowmx.events AS ev
-            WHERE ev.category = c.name
-                AND (ev.transaction_id, ev.position) > (from_xid, from_position)
-                AND ev.transaction_id < horizon
-                AND (event_types IS NULL OR ev.event_type = ANY(event_types))
-            ORDER BY ev.transaction_id, ev.position
-            LIMIT max_count
-        ) AS e
-        ORDER BY e.transaction_id, e.position
-        LIMIT max_count;
     ELSE
-        RETURN QUERY
-        SELECT e.*, meowmx._cursor(e.transaction_id, e.position)
-        FROM (SELECT DISTINCT unnest(event_types) AS name) AS t
-        CROSS JOIN LATERAL (
-            SELECT ev.* FROM meowmx.events AS ev
-            WHERE ev.event_type = t.name
-                AND (ev.transaction_id, ev.position) > (from_xid, from_position)
-                AND ev.transaction_id < horizon
-            ORDER BY ev.transaction_id, ev.position
-            LIMIT max_count
-        ) AS e
-        ORDER BY e.transaction_id, e.position
-        LIMIT max_count;
+        -- One ordered index range per category (or type), merged. The names go
+        -- in as literals so the planner sees how rare each one is: behind a
+        -- parameter it may guess that a rare category matches most rows and
+        -- walk the commit order index instead, filtering the whole table.
+        RETURN QUERY EXECUTE format(
+            'SELECT e.*, meowmx._cursor(e.transaction_id, e.position) FROM (%s) AS e'
+            ' ORDER BY e.transaction_id, e.position LIMIT $4',
+            (
+                SELECT string_agg(format(
+                    '(SELECT ev.* FROM meowmx.events AS ev WHERE ev.%I = %L'
+                    ' AND (ev.transaction_id, ev.position) > ($1, $2)'
+                    ' AND ev.transaction_id < $3 %s'
+                    ' ORDER BY ev.transaction_id, ev.position LIMIT $4)',
+                    filter.column_name, filter.value,
+                    CASE WHEN filter.column_name = 'category' AND event_types IS NOT NULL
+                        THEN 'AND ev.event_type = ANY($5)' ELSE '' END
+                ), ' UNION ALL ')
+                FROM (
+                    SELECT DISTINCT
+                        CASE WHEN categories IS NULL THEN 'event_type' ELSE 'category' END,
+                        unnest(coalesce(categories, event_types))
+                ) AS filter (column_name, value)
+            ))
+        USING from_xid, from_position, horizon, max_count, event_types;
     END IF;
 END;
 $$;

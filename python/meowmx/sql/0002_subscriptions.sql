@@ -600,7 +600,8 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     -- pg_stat_activity and pg_prepared_xacts show 32-bit ids: widen them to
-    -- xid8 against the snapshot's xmax (the ids are younger than 2^31 apart).
+    -- xid8 by their signed distance from the snapshot's xmax (running ids are
+    -- less than 2^31 from it, on either side).
     WITH running AS (
         SELECT a.pid, a.datname::text AS database, a.usename::text AS username,
             a.application_name, a.state, a.backend_xid AS xid, a.xact_start AS since,
@@ -616,8 +617,8 @@ AS $$
         SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax
     )
     SELECT r.pid, r.database, r.username, r.application_name, r.state,
-        (s.xmax - mod(mod(s.xmax, 4294967296) - r.xid::text::numeric + 4294967296,
-            4294967296))::text::xid8,
+        (s.xmax + mod(r.xid::text::numeric - mod(s.xmax, 4294967296) + 6442450944,
+            4294967296) - 2147483648)::text::xid8,
         now() - r.since, r.query
     FROM running AS r CROSS JOIN snapshot AS s
     ORDER BY 6
