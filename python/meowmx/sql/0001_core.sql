@@ -467,7 +467,8 @@ BEGIN
     PERFORM meowmx._check_max_count(max_count);
     IF from_version < 1 OR backwards IS NULL THEN
         PERFORM meowmx._fail('MX017', 'invalid stream read',
-            format('from_version is %s, backwards is %s', from_version, backwards),
+            format('from_version is %s, backwards is %s',
+                coalesce(from_version::text, 'NULL'), coalesce(backwards::text, 'NULL')),
             'Versions start at 1; pass NULL to start at the first (or, backwards, the last).');
     END IF;
 
