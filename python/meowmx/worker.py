@@ -124,7 +124,7 @@ class Worker:
             # before the failure again, then record the failure.
             if failed_at[0] > 0 and self._apply(conn, batch[: failed_at[0]]) is not None:
                 return 0
-            self._nack(batch[failed_at[0]], failed_at[1])
+            self._nack(batch[failed_at[0]], failed_at[1], conn)
             return failed_at[0]
 
     def _apply(self, conn: Conn, events: list[ClaimedEvent]) -> tuple[int, Exception] | None:
@@ -148,7 +148,7 @@ class Worker:
         self.client.ack(self.subscription, self.name, event.partition, event.position, conn=conn)
         self._failures.clear()
 
-    def _nack(self, event: ClaimedEvent, error: Exception) -> None:
+    def _nack(self, event: ClaimedEvent, error: Exception, conn: Conn | None = None) -> None:
         attempt = self._failures.get(event.position, 0) + 1
         self._failures = {event.position: attempt}
         parked = self.client.nack(
@@ -158,6 +158,7 @@ class Worker:
             event.position,
             f"{type(error).__name__}: {error}",
             retry_after=self.backoff(attempt),
+            conn=conn,
         )
         log.log(
             logging.ERROR if parked else logging.WARNING,
@@ -257,9 +258,15 @@ class _Listener:
                 time.sleep(0.002)  # appenders that skipped NOTIFY are still committing
                 return
             self.catch_up_to = None
+        # Wait in short slices so that stop() takes effect promptly.
         woke = False
-        for _ in conn.notifies(timeout=self.worker.poll_interval, stop_after=1):
-            woke = True
+        deadline = time.monotonic() + self.worker.poll_interval
+        while not woke and not self.worker.stop_event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for _ in conn.notifies(timeout=min(remaining, 0.2), stop_after=1):
+                woke = True
         if woke:
             self.catch_up_to = _xid(conn, "pg_snapshot_xmax")
             self.catch_up_until = time.monotonic() + self.worker.poll_interval

@@ -1,0 +1,587 @@
+"""meowmx.Worker with real threads and real processes against a real PostgreSQL.
+
+Several workers sharing a subscription, a worker killed mid-batch, poison events,
+transactional handlers, SIGTERM, polling without notifications and prompt delivery
+with LISTEN. Waits poll with generous timeouts; the only time bound is a loose one on
+LISTEN delivery (2 s against a 5 s poll interval).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+import meowmx
+from meowmx import ClaimedEvent, Client, Worker
+from meowmx.errors import LeaseLost
+from support import raises_meowmx, wait_for_horizon, wait_until
+
+Connection = psycopg.Connection[Any]
+
+
+def scalar(conn: Connection, sql: str, params: Any = ()) -> Any:
+    """The first column of the first row."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
+SUB = "projector"
+NO_BACKOFF: Callable[[int], timedelta] = lambda attempt: timedelta(0)  # noqa: E731
+
+
+# Helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def conn(connect: Callable[..., Connection]) -> Connection:
+    return connect()
+
+
+@pytest.fixture
+def client(dsn: str) -> Iterator[Client]:
+    with Client(dsn) as c:
+        yield c
+
+
+@pytest.fixture
+def workers(dsn: str) -> Iterator[Callable[..., Worker]]:
+    """Factory of Workers on `dsn`; their clients are closed at teardown."""
+    made: list[Worker] = []
+
+    def make(handler: Callable[..., None], **options: Any) -> Worker:
+        options.setdefault("poll_interval", 0.1)
+        worker = Worker(Client(dsn), SUB, handler, **options)
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.stop()
+        worker.client.close()
+
+
+def append_rounds(conn: Connection, streams: int, rounds: int, per_round: int) -> None:
+    """`rounds` transactions; each appends `per_round` events to each of `streams` streams."""
+    for _ in range(rounds):
+        conn.execute(
+            "SELECT count(*) FROM generate_series(0, %s - 1) AS s,"
+            " LATERAL meowmx.append_events(category => 'order', stream_id => 's' || s,"
+            "   events => %s)",
+            [streams, Jsonb([{"type": "Placed", "data": {}}] * per_round)],
+        )
+
+
+def append(conn: Connection, stream_id: str, count: int = 1, **data: Any) -> list[int]:
+    events = [{"type": "Placed", "data": {**data, "n": i}} for i in range(count)]
+    rows = conn.execute(
+        "SELECT position FROM meowmx.append_events(category => 'order', stream_id => %s,"
+        " events => %s)",
+        [stream_id, Jsonb(events)],
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def all_positions(conn: Connection) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT position FROM meowmx.events ORDER BY 1")]
+
+
+def status(client: Client) -> list[meowmx.PartitionStatus]:
+    return client.subscription_status(SUB)
+
+
+def run_thread(worker: Worker) -> threading.Thread:
+    thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
+    thread.start()
+    return thread
+
+
+def drain(worker: Worker, done: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Call run_once until `done()`."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail("the worker did not finish in time")
+        if not worker.run_once():
+            time.sleep(0.01)
+
+
+def run_once_bounded(worker: Worker, timeout: float = 10.0) -> int:
+    """worker.run_once(), failing (instead of hanging the suite) if it never returns."""
+    result: list[Any] = []
+
+    def target() -> None:
+        try:
+            result.append(worker.run_once())
+        except BaseException as error:  # noqa: BLE001  (re-raised below)
+            result.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"run_once did not return within {timeout} s (deadlocked?)")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return int(result[0])
+
+
+def count_run_once(worker: Worker) -> list[int]:
+    """Record what each run_once of `worker` returns (0: it found nothing and waits)."""
+    results: list[int] = []
+    original = worker.run_once
+
+    def counted() -> int:
+        handled = original()
+        results.append(handled)
+        return handled
+
+    worker.run_once = counted  # type: ignore[method-assign]
+    return results
+
+
+CHILD = """
+import sys, time
+from datetime import timedelta
+import psycopg, meowmx
+
+dsn, name, mode, lease = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+record = psycopg.connect(dsn, autocommit=True)
+
+def handler(event):
+    record.execute("INSERT INTO handled (worker, position) VALUES (%s, %s)",
+                   [name, event.position])
+    if mode == "hang" and event.version == 3:
+        time.sleep(3600)  # stuck mid-batch until killed
+    if mode == "slow":
+        time.sleep(0.2)
+
+worker = meowmx.Worker(dsn, "projector", handler, name=name, batch_size=100,
+                       lease=timedelta(seconds=lease), poll_interval=0.2)
+print("ready", flush=True)
+worker.run()
+print("stopped", flush=True)
+"""
+
+
+@pytest.fixture
+def child(
+    tmp_path: Path, dsn: str, conn: Connection
+) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts worker processes (see CHILD) that record handled positions in table `handled`."""
+    # The test database outlives the test (only its meowmx schema is renewed).
+    conn.execute("DROP TABLE IF EXISTS handled")
+    conn.execute(
+        "CREATE TABLE handled (worker text, position bigint, at timestamptz DEFAULT"
+        " clock_timestamp())"
+    )
+    script = tmp_path / "worker_child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ)
+    package_root = str(Path(meowmx.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH")] if p)
+    started: list[subprocess.Popen[str]] = []
+
+    def start(name: str, mode: str, lease: float) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), dsn, name, mode, str(lease)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    conn.execute("DROP TABLE handled")
+
+
+def handled_by(conn: Connection, worker: str) -> list[int]:
+    rows = conn.execute("SELECT position FROM handled WHERE worker = %s ORDER BY at", [worker])
+    return [row[0] for row in rows]
+
+
+# Many workers --------------------------------------------------------------------
+
+
+def test_four_workers_share_10k_events_each_once_and_in_stream_order(
+    conn: Connection, client: Client, workers: Callable[..., Worker]
+) -> None:
+    client.create_subscription(SUB, partitions=4)
+    handled: list[tuple[str, str, int, int]] = []
+    lock = threading.Lock()
+
+    def handler_for(name: str) -> Callable[[ClaimedEvent], None]:
+        def handler(event: ClaimedEvent) -> None:
+            with lock:
+                handled.append((name, event.stream_id, event.version, event.position))
+
+        return handler
+
+    team = [workers(handler_for(f"w{i}"), name=f"w{i}", batch_size=100) for i in range(4)]
+    threads = [run_thread(w) for w in team]
+    append_rounds(conn, streams=200, rounds=5, per_round=10)  # 10k events, while they run
+    expected = all_positions(conn)
+    assert len(expected) == 10_000
+    wait_until(lambda: len(handled) >= 10_000, "10k events to be handled", timeout=45)
+    time.sleep(0.2)  # anything handled twice would show up now
+    for w in team:
+        w.stop()
+    for t in threads:
+        t.join(timeout=15)
+        assert not t.is_alive()
+
+    assert len(handled) == 10_000
+    assert sorted(p for *_, p in handled) == expected  # every event, none twice
+    versions: dict[str, list[int]] = {}
+    for _, stream_id, version, _ in handled:  # in the order handlers ran
+        versions.setdefault(stream_id, []).append(version)
+    assert len(versions) == 200
+    assert all(v == list(range(1, 51)) for v in versions.values())
+    # A stream is handled by one worker (its partition stays leased to it).
+    owners: dict[str, set[str]] = {}
+    for name, stream_id, _, _ in handled:
+        owners.setdefault(stream_id, set()).add(name)
+    assert all(len(o) == 1 for o in owners.values())
+    st = status(client)
+    assert [(p.events_behind, p.lease_owner) for p in st] == [(0, None)] * 4  # released
+
+
+# Crashes and signals ----------------------------------------------------------------
+
+
+def test_a_killed_worker_loses_nothing_and_its_late_ack_is_fenced(
+    conn: Connection, client: Client, workers: Callable[..., Worker], child: Any
+) -> None:
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 10)
+    wait_for_horizon(conn)
+    doomed = child("doomed", "hang", 2.0)
+    wait_until(lambda: len(handled_by(conn, "doomed")) == 3, "the child to hang at event 3")
+    doomed.kill()  # SIGKILL: no release, no ack
+    assert doomed.wait(timeout=10) == -signal.SIGKILL
+    assert handled_by(conn, "doomed") == events[:3]
+    [st] = status(client)
+    assert st.lease_owner == "doomed"
+    acked = 10 - st.events_behind  # a heartbeat ack may have come before the hang
+    assert acked <= 2
+
+    seen: list[int] = []
+    heir = workers(lambda e: seen.append(e.position), name="heir")
+    early = heir.run_once()
+    if scalar(conn, "SELECT clock_timestamp() < %s", [st.lease_expires_at]):
+        assert early == 0, "a live lease was taken over"
+    drain(heir, lambda: len(seen) >= 10)
+    assert seen == events[acked:]  # all unacknowledged ones, event 3 included, in order
+    [st] = status(client)
+    assert (st.lease_owner, st.events_behind) == ("heir", 0)
+    with raises_meowmx(LeaseLost):  # the dead worker's ack, arriving late
+        client.ack(SUB, "doomed", 0, events[2])
+    assert status(client)[0].events_behind == 0
+
+
+def test_sigterm_finishes_the_batch_exits_0_and_releases_the_lease(
+    conn: Connection, client: Client, child: Any
+) -> None:
+    client.create_subscription(SUB)
+    proc = child("termed", "slow", 60.0)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    events = append(conn, "s1", 5)
+    wait_until(lambda: handled_by(conn, "termed"), "the worker to start on the batch")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err
+    assert handled_by(conn, "termed") == events  # the batch in hand was finished
+    [st] = status(client)
+    assert (st.lease_owner, st.lease_expires_at, st.events_behind) == (None, None, 0)
+
+
+# Failures ---------------------------------------------------------------------------
+
+
+def test_a_poison_event_is_parked_the_rest_handled_and_requeue_delivers_it(
+    conn: Connection, client: Client, workers: Callable[..., Worker]
+) -> None:
+    client.create_subscription(SUB, partitions=2, max_attempts=3)
+    # Streams "a" and "b" hash to partitions 0 and 1 of 2 (md5 of "order/a", "order/b").
+    positions = append(conn, "a", 3) + append(conn, "b", 4)
+    [poison] = append(conn, "a", 1, poison=True)
+    a_after = append(conn, "a", 2)
+    positions += a_after + append(conn, "b", 2)
+    wait_for_horizon(conn)
+    fixed = False
+    calls: dict[int, int] = {}
+    handled: list[int] = []
+
+    def handler(event: ClaimedEvent) -> None:
+        calls[event.position] = calls.get(event.position, 0) + 1
+        if event.data.get("poison") and not fixed:
+            raise ValueError("cannot digest this")
+        handled.append(event.position)
+
+    worker = workers(handler, backoff=NO_BACKOFF)
+    drain(
+        worker,
+        lambda: len(handled) == len(positions) and sum(p.parked for p in status(client)) == 1,
+    )
+    assert sorted(handled) == sorted(positions)  # each other event once
+    assert calls[poison] == 3
+    [parked] = client.list_parked(SUB)
+    assert (parked.position, parked.partition, parked.stream_id, parked.attempts) == (
+        poison,
+        0,
+        "a",
+        3,
+    )
+    assert parked.error == "ValueError: cannot digest this"
+    assert [p.events_behind for p in status(client)] == [0, 0]
+
+    fixed = True
+    handled.clear()
+    assert client.requeue_parked(SUB, poison) == 1
+    assert client.list_parked(SUB) == []
+    drain(worker, lambda: poison in handled and all(p.events_behind == 0 for p in status(client)))
+    assert calls[poison] == 4
+    # What followed it in its partition comes again (at-least-once, order kept).
+    assert handled == [poison, *a_after]
+
+
+def test_a_slow_batch_keeps_its_lease_with_heartbeat_acks(
+    conn: Connection, client: Client, workers: Callable[..., Worker], dsn: str
+) -> None:
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 6)
+    wait_for_horizon(conn)
+    thief_got: list[int] = []
+    done = threading.Event()
+
+    def thief() -> None:
+        with Client(dsn) as other:
+            while not done.is_set():
+                thief_got.extend(e.position for e in other.claim_batch(SUB, "thief"))
+                time.sleep(0.05)
+
+    seen: list[int] = []
+    thread = threading.Thread(target=thief)
+
+    def slow(event: ClaimedEvent) -> None:
+        seen.append(event.position)
+        if event.version == 1:
+            thread.start()  # the worker has its claim: now try to take it over
+        time.sleep(0.3)  # 6 x 0.3 s: longer than the 1.5 s lease
+
+    worker = workers(slow, lease=timedelta(seconds=1.5))
+    try:
+        assert worker.run_once() == 6
+    finally:
+        done.set()
+        if thread.is_alive():
+            thread.join(timeout=10)
+    assert seen == events
+    assert thief_got == []
+    assert status(client)[0].events_behind == 0
+
+
+def test_a_handler_error_is_nacked_with_backoff_and_holds_the_partition(
+    conn: Connection, client: Client, workers: Callable[..., Worker]
+) -> None:
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 4)
+    wait_for_horizon(conn)
+    seen: list[int] = []
+
+    def handler(event: ClaimedEvent) -> None:
+        seen.append(event.position)
+        if event.version == 3:
+            raise RuntimeError("database of record is down")
+
+    worker = workers(handler, backoff=lambda attempt: timedelta(hours=attempt))
+    assert worker.run_once() == 2  # the two before the failure
+    [st] = status(client)
+    assert (st.attempts, st.last_error, st.lease_owner, st.events_behind) == (
+        1,
+        "RuntimeError: database of record is down",
+        worker.name,
+        2,
+    )
+    assert st.retry_at is not None
+    assert scalar(conn, "SELECT %s - clock_timestamp() > '50 minutes'", [st.retry_at])
+    assert worker.run_once() == 0  # waits for the retry; nothing else to do
+    assert seen == events[:3]
+
+
+# Transactional handlers ---------------------------------------------------------------
+
+
+@pytest.fixture
+def read_model(conn: Connection) -> Iterator[Callable[[], list[int]]]:
+    conn.execute("DROP TABLE IF EXISTS read_model")
+    conn.execute("CREATE TABLE read_model (position bigint NOT NULL)")
+    yield lambda: [r[0] for r in conn.execute("SELECT position FROM read_model ORDER BY 1")]
+    conn.execute("DROP TABLE read_model")
+
+
+def write(event: ClaimedEvent, tx: Connection) -> None:
+    tx.execute("INSERT INTO read_model (position) VALUES (%s)", [event.position])
+
+
+@pytest.mark.parametrize("target", ["dsn", "pool"])
+def test_transactional_failure_mid_batch_keeps_earlier_writes_exactly_once(
+    conn: Connection, client: Client, dsn: str, read_model: Any, target: str
+) -> None:
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 10)
+    wait_for_horizon(conn)
+    failures = [events[5]]
+
+    def handler(event: ClaimedEvent, tx: Connection) -> None:
+        write(event, tx)  # written, then the failure must roll it back
+        if event.position in failures:
+            failures.remove(event.position)
+            raise ValueError("flaky")
+
+    with ConnectionPool(dsn, min_size=1, max_size=2, kwargs={"autocommit": True}) as pool:
+        worker = Worker(
+            dsn if target == "dsn" else pool,
+            SUB,
+            handler,
+            transactional=True,
+            backoff=NO_BACKOFF,
+            listen=False,
+        )
+        try:
+            assert run_once_bounded(worker) == 5
+            assert read_model() == events[:5]
+            [st] = status(client)
+            assert (st.attempts, st.last_error, st.events_behind) == (1, "ValueError: flaky", 5)
+            assert run_once_bounded(worker) == 5
+            assert read_model() == events  # each exactly once
+            [st] = status(client)
+            assert (st.attempts, st.events_behind) == (0, 0)
+        finally:
+            if target == "pool":
+                worker.client.close()
+
+
+def test_transactional_reset_during_the_handler_rolls_its_writes_back(
+    conn: Connection, client: Client, workers: Callable[..., Worker], read_model: Any
+) -> None:
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 5)
+    wait_for_horizon(conn)
+    resets = [events[-1]]
+
+    def handler(event: ClaimedEvent, tx: Connection) -> None:
+        write(event, tx)
+        if event.position in resets:
+            resets.remove(event.position)
+            client.reset_subscription(SUB)  # another connection: the lease is gone
+
+    worker = workers(handler, transactional=True)
+    assert worker.run_once() == 0  # its ack was refused
+    assert read_model() == []
+    assert status(client)[0].lease_owner is None
+    assert worker.run_once() == 5  # delivered again from the beginning
+    assert read_model() == events
+
+
+def test_transactional_lease_taken_over_before_the_ack_rolls_back(
+    conn: Connection, client: Client, workers: Callable[..., Worker], read_model: Any
+) -> None:
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 5)
+    wait_for_horizon(conn)
+    stolen: list[ClaimedEvent] = []
+
+    def handler(event: ClaimedEvent, tx: Connection) -> None:
+        write(event, tx)
+        if event.version == 5 and not stolen:
+            lease_end = status(client)[0].lease_expires_at
+            wait_until(
+                lambda: scalar(conn, "SELECT clock_timestamp() > %s", [lease_end]),
+                "the lease to expire",
+            )
+            stolen.extend(client.claim_batch(SUB, "thief"))
+
+    worker = workers(handler, transactional=True, lease=timedelta(milliseconds=300))
+    assert worker.run_once() == 0
+    assert [e.position for e in stolen] == events  # the thief got the same events
+    assert read_model() == []  # and the slow worker's writes were rolled back
+    assert status(client)[0].lease_owner == "thief"
+
+
+# Wake-ups -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["listen_off", "notify_lost"])
+def test_events_arrive_by_polling_without_a_notification(
+    conn: Connection, client: Client, workers: Callable[..., Worker], mode: str
+) -> None:
+    client.create_subscription(SUB)
+    seen: list[int] = []
+    worker = workers(
+        lambda e: seen.append(e.position), listen=mode != "listen_off", poll_interval=0.2
+    )
+    runs = count_run_once(worker)
+    thread = run_thread(worker)
+    wait_until(lambda: 0 in runs, "the worker to find nothing and wait")
+    if mode == "notify_lost":
+        conn.execute("SET meowmx.notify = off")  # appends of this session send no NOTIFY
+    events = append(conn, "s1", 3)
+    wait_until(lambda: len(seen) == 3, "polling to deliver the events")
+    assert seen == events
+    worker.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_listen_delivers_promptly_despite_a_long_poll_interval(
+    conn: Connection, client: Client, workers: Callable[..., Worker], dsn: str
+) -> None:
+    client.create_subscription(SUB)
+    arrived: list[float] = []
+    worker = workers(lambda e: arrived.append(time.monotonic()), poll_interval=5.0)
+    runs = count_run_once(worker)
+    thread = run_thread(worker)
+    wait_until(lambda: 0 in runs, "the worker to find nothing")
+    wait_until(
+        lambda: scalar(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query = 'LISTEN meowmx' AND state = 'idle'",
+        ),
+        "the worker to LISTEN",
+    )
+    time.sleep(0.3)  # let it settle into its wait
+    appended = time.monotonic()
+    append(conn, "s1")
+    # Another session can hold the cluster-wide horizon back: time from when it passed.
+    wait_for_horizon(conn)
+    visible = time.monotonic()
+    wait_until(lambda: arrived, "the event to arrive", timeout=15)
+    assert arrived[0] - max(appended, visible - 0.05) < 2.0, (
+        f"took {arrived[0] - appended:.2f} s after the append with a 5 s poll interval"
+    )
+    worker.stop()
+    conn.execute("NOTIFY meowmx")  # wake it: stop() does not interrupt the wait
+    thread.join(timeout=10)
+    assert not thread.is_alive()
