@@ -97,3 +97,68 @@ def wait_until_blocked(conn: Connection, pid: int) -> None:
         return bool(row and row[0])
 
     wait_until(blocked, f"backend {pid} to wait for a lock")
+
+
+# Schema comparison: each query describes one part of the schema as rows, without OIDs.
+
+CATALOG_QUERIES = {
+    "relations": """
+        SELECT c.relname, c.relkind, c.relpersistence, c.reloptions, c.relowner::regrole::text,
+            c.relacl::text, c.relrowsecurity
+        FROM pg_class AS c WHERE c.relnamespace = 'meowmx'::regnamespace ORDER BY c.relname""",
+    "columns": """
+        SELECT c.relname, row_number() OVER (PARTITION BY c.relname ORDER BY a.attnum),
+            a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity,
+            a.attgenerated, pg_get_expr(d.adbin, d.adrelid), a.attcollation::regcollation::text
+        FROM pg_attribute AS a
+        JOIN pg_class AS c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = 'meowmx'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY 1, 2""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid)
+        FROM pg_constraint WHERE connamespace = 'meowmx'::regnamespace ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+        WHERE schemaname = 'meowmx' ORDER BY 1, 2""",
+    "sequences": """
+        SELECT sequencename, data_type::text, start_value, min_value, max_value, increment_by,
+            cycle, cache_size
+        FROM pg_sequences WHERE schemaname = 'meowmx' ORDER BY 1""",
+    "triggers": """
+        SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid)
+        FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+        WHERE c.relnamespace = 'meowmx'::regnamespace AND NOT t.tgisinternal ORDER BY 1, 2""",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid),
+            pg_get_function_result(p.oid), p.prosrc, p.proconfig, p.prosecdef, p.provolatile,
+            p.proparallel, p.prokind, p.proisstrict, p.proleakproof, p.proowner::regrole::text,
+            p.proacl::text, l.lanname, pg_get_functiondef(p.oid)
+        FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
+        WHERE p.pronamespace = 'meowmx'::regnamespace ORDER BY 1, 2""",
+    "types": """
+        SELECT t.typname, t.typtype, t.typcategory, t.typowner::regrole::text, t.typacl::text
+        FROM pg_type AS t WHERE t.typnamespace = 'meowmx'::regnamespace ORDER BY 1""",
+    "routine_grants": """
+        SELECT grantor, grantee, routine_name, privilege_type, is_grantable
+        FROM information_schema.role_routine_grants
+        WHERE routine_schema = 'meowmx' ORDER BY 2, 3, 4""",
+    "execute": """
+        SELECT r.role, p.proname, pg_get_function_identity_arguments(p.oid),
+            has_function_privilege(r.role, p.oid, 'EXECUTE')
+        FROM pg_proc AS p, unnest(ARRAY['meowmx_reader', 'meowmx_writer', 'meowmx_worker',
+            'meowmx_admin', 'public']) AS r (role)
+        WHERE p.pronamespace = 'meowmx'::regnamespace ORDER BY 1, 2, 3""",
+    "schema": """
+        SELECT n.nspname, n.nspowner::regrole::text, n.nspacl::text
+        FROM pg_namespace AS n WHERE n.nspname = 'meowmx'""",
+    "default_privileges": """
+        SELECT d.defaclrole::regrole::text, d.defaclobjtype, d.defaclacl::text
+        FROM pg_default_acl AS d WHERE d.defaclnamespace = 'meowmx'::regnamespace ORDER BY 1, 2""",
+    "migrations": "SELECT version, name FROM meowmx.migrations ORDER BY version",
+}
+
+
+def schema_of(target: str) -> dict[str, list[Any]]:
+    with psycopg.connect(target) as conn:
+        return {name: conn.execute(query).fetchall() for name, query in CATALOG_QUERIES.items()}
