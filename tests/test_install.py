@@ -99,7 +99,7 @@ def test_the_one_file_script_installs_the_same_schema(
         assert scripted[part] == installed[part], part
     assert scripted["functions"] and scripted["indexes"] and scripted["routine_grants"]
     functions = {row[0].split("(")[0] for row in installed["functions"]}
-    assert {"meowmx.append_event", "meowmx.read_events", "meowmx.version"} <= functions
+    assert {"append_event", "read_events", "version"} <= functions
     # install() recognises what the script installed.
     assert meowmx.install(by_script) == []
 
