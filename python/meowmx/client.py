@@ -45,7 +45,9 @@ class NewEvent:
         return event
 
 
-@dataclass(frozen=True)
+# Events are plain slotted dataclasses: reads build thousands per page, and a
+# frozen dataclass costs three times as much to build.
+@dataclass(slots=True)
 class RecordedEvent:
     position: int
     transaction_id: int
@@ -60,7 +62,7 @@ class RecordedEvent:
     cursor: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClaimedEvent(RecordedEvent):
     """An event handed to a worker by claim_batch, with the partition it came from."""
 

@@ -40,7 +40,8 @@ class Connector:
     def __init__(self, target: Target):
         self.target = target
         self._own: psycopg.Connection[Any] | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: a handler may call the client inside a call of the client.
+        self._lock = threading.RLock()
 
     @contextmanager
     def __call__(

@@ -50,6 +50,8 @@ def script(after: int = 0, upto: int | None = None) -> str:
     """
     upto = latest_version() if upto is None else upto
     chosen = [m for m in migrations() if after < m.version <= upto]
+    if not chosen:
+        return f"-- meowmx schema: nothing to apply after version {after}\n"
     header = f"-- meowmx schema: migrations {after + 1} to {upto}\n"
     return header + "\n".join(f"-- {m.version:04d}_{m.name}.sql\n{m.sql}" for m in chosen)
 

@@ -62,6 +62,7 @@ class Worker:
         backoff: Callable[[int], timedelta] = default_backoff,
     ):
         self.client = target if isinstance(target, Client) else Client(target)
+        self._owns_client = not isinstance(target, Client)
         self.subscription = subscription
         self.handler = handler
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -192,6 +193,8 @@ class Worker:
                     self.client.release(self.subscription, self.name)
                 except psycopg.Error as error:
                     log.warning("worker %s could not release its leases: %s", self.name, error)
+                if self._owns_client:
+                    self.client.close()
 
     @contextmanager
     def _listener(self) -> Iterator[Callable[[], None]]:

@@ -172,6 +172,20 @@ $$;
 
 -- Appends ---------------------------------------------------------------------
 
+CREATE FUNCTION meowmx._check_expected_version(expected_version bigint) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF expected_version < -1 THEN
+        PERFORM meowmx._fail('MX016', 'invalid expected_version',
+            format('expected_version is %s', expected_version),
+            'Pass NULL (any), 0 (stream must not exist), -1 (stream must exist) '
+            'or the exact current version.');
+    END IF;
+END;
+$$;
+
 -- Takes the stream's lock, then returns its version after checking the
 -- expected version and the transaction order. Appenders of one stream are
 -- serialized by an advisory lock taken before the append assigns a
@@ -186,13 +200,6 @@ DECLARE
     current_version bigint;
     last_transaction_id xid8;
 BEGIN
-    IF p_expected_version < -1 THEN
-        PERFORM meowmx._fail('MX016', 'invalid expected_version',
-            format('expected_version is %s', p_expected_version),
-            'Pass NULL (any), 0 (stream must not exist), -1 (stream must exist) '
-            'or the exact current version.');
-    END IF;
-
     PERFORM pg_advisory_xact_lock(
         hashtextextended('meowmx/stream/' || p_category || '/' || p_stream_id, 0));
 
@@ -378,9 +385,11 @@ BEGIN
     IF NOT coalesce(
         meowmx._valid_name(category) AND meowmx._valid_name(stream_id)
         AND meowmx._valid_name(event_type) AND jsonb_typeof(data) = 'object'
-        AND coalesce(jsonb_typeof(metadata) IN ('object', 'null'), true), false) THEN
+        AND coalesce(jsonb_typeof(metadata) IN ('object', 'null'), true)
+        AND coalesce(expected_version >= -1, true), false) THEN
         PERFORM meowmx._check_stream(category, stream_id);
         PERFORM meowmx._check_event(event_type, data, metadata);
+        PERFORM meowmx._check_expected_version(expected_version);
     END IF;
     IF event_id IS NOT NULL THEN
         SELECT * INTO result FROM meowmx._append(
@@ -474,6 +483,7 @@ BEGIN
             'Give each event its own id.');
     END IF;
 
+    PERFORM meowmx._check_expected_version(expected_version);
     RETURN QUERY SELECT * FROM meowmx._append(
         category, stream_id, expected_version,
         batch.types, batch.data, batch.metadata, batch.ids);

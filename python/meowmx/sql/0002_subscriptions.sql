@@ -220,7 +220,7 @@ AS $$
 DECLARE
     sub meowmx.subscriptions := meowmx._subscription(subscription);
     at timestamptz := clock_timestamp();
-    candidate integer;
+    candidate record;
     part meowmx.subscription_partitions;
     ev meowmx.recorded_event;
     last_scanned meowmx.recorded_event;
@@ -242,7 +242,8 @@ BEGIN
     -- The worker's own partitions first, then free or expired ones in random
     -- order, so workers spread out instead of queueing on one partition.
     FOR candidate IN
-        SELECT p.partition FROM meowmx.subscription_partitions AS p
+        SELECT p.partition, p.checkpoint_xid, p.checkpoint_position
+        FROM meowmx.subscription_partitions AS p
         WHERE p.subscription = sub.name
             AND (p.lease_owner IS NULL OR p.lease_owner = worker OR p.lease_expires_at < at)
             AND (p.retry_at IS NULL OR p.retry_at <= at)
@@ -250,10 +251,16 @@ BEGIN
     LOOP
         -- Skip a partition that another claimer is looking at right now.
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(
-            hashtextextended('meowmx/partition/' || sub.name || '/' || candidate, 0));
+            hashtextextended('meowmx/partition/' || sub.name || '/' || candidate.partition, 0));
+        -- Nothing after the checkpoint: move on without locking the row, so an
+        -- idle claim writes nothing (no transaction id, no WAL flush).
+        CONTINUE WHEN NOT EXISTS (
+            SELECT FROM meowmx.read_events(
+                after => meowmx._cursor(candidate.checkpoint_xid, candidate.checkpoint_position),
+                max_count => 1, categories => sub.categories, event_types => sub.event_types));
         -- Read it again under the lock: a claim may have committed since.
         SELECT * INTO part FROM meowmx.subscription_partitions AS p
-        WHERE p.subscription = sub.name AND p.partition = candidate
+        WHERE p.subscription = sub.name AND p.partition = candidate.partition
             AND (p.lease_owner IS NULL OR p.lease_owner = worker OR p.lease_expires_at < at)
             AND (p.retry_at IS NULL OR p.retry_at <= at)
         FOR UPDATE;
