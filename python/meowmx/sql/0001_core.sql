@@ -435,48 +435,70 @@ BEGIN
             ' metadata and id are optional.');
     END IF;
 
-    -- Name the first bad element precisely.
-    SELECT x.ord, reason.text INTO problem
-    FROM jsonb_array_elements(events) WITH ORDINALITY AS x (value, ord)
-    CROSS JOIN LATERAL (
-        SELECT CASE
-            WHEN jsonb_typeof(x.value) <> 'object' THEN 'is not a JSON object'
-            WHEN EXISTS (
-                SELECT FROM jsonb_object_keys(x.value) AS k (key)
-                WHERE k.key NOT IN ('type', 'data', 'metadata', 'id')
-            ) THEN 'has a key other than type, data, metadata and id'
-            WHEN jsonb_typeof(x.value -> 'type') IS DISTINCT FROM 'string'
-                OR x.value ->> 'type' = '' OR length(x.value ->> 'type') > 255
-                THEN 'needs "type": a non-empty string of at most 255 characters'
-            WHEN jsonb_typeof(x.value -> 'data') IS DISTINCT FROM 'object'
-                THEN 'needs "data": a JSON object'
-            WHEN jsonb_typeof(x.value -> 'metadata') NOT IN ('object', 'null')
-                THEN 'has "metadata" that is not a JSON object or null'
-            WHEN jsonb_typeof(x.value -> 'id') NOT IN ('string', 'null')
-                OR (jsonb_typeof(x.value -> 'id') = 'string' AND x.value ->> 'id' !~*
-                    '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
-                THEN 'has "id" that is not a UUID string'
-        END AS text
-    ) AS reason
-    WHERE reason.text IS NOT NULL
-    ORDER BY x.ord
-    LIMIT 1;
-    IF FOUND THEN
+    -- One pass: the arrays to insert, and whether every element is well formed.
+    SELECT
+        min(x.ord) FILTER (WHERE NOT x.ok) AS first_bad,
+        array_agg(x.value ->> 'type' ORDER BY x.ord) AS types,
+        array_agg(x.value -> 'data' ORDER BY x.ord) AS data,
+        array_agg(nullif(x.value -> 'metadata', 'null') ORDER BY x.ord) AS metadata,
+        array_agg(CASE WHEN x.ok THEN (x.value ->> 'id')::uuid END ORDER BY x.ord) AS ids,
+        count(DISTINCT CASE WHEN x.ok THEN (x.value ->> 'id')::uuid END) AS distinct_ids,
+        count(x.value ->> 'id') AS ids_given
+    INTO batch
+    FROM (
+        SELECT e.value, e.ord, coalesce(CASE WHEN jsonb_typeof(e.value) = 'object' THEN
+            e.value - '{type,data,metadata,id}'::text[] = '{}'::jsonb
+            AND jsonb_typeof(e.value -> 'type') = 'string'
+            AND meowmx._valid_name(e.value ->> 'type')
+            AND jsonb_typeof(e.value -> 'data') = 'object'
+            AND coalesce(jsonb_typeof(e.value -> 'metadata') IN ('object', 'null'), true)
+            AND (
+                coalesce(jsonb_typeof(e.value -> 'id') = 'null', true)
+                OR jsonb_typeof(e.value -> 'id') = 'string' AND e.value ->> 'id' ~*
+                '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+            )
+        END, false) AS ok
+        FROM jsonb_array_elements(events) WITH ORDINALITY AS e (value, ord)
+    ) AS x;
+
+    IF batch.first_bad IS NOT NULL THEN
+        -- Name the first bad element precisely.
+        SELECT x.ord, reason.text INTO problem
+        FROM jsonb_array_elements(events) WITH ORDINALITY AS x (value, ord)
+        CROSS JOIN LATERAL (
+            SELECT CASE
+                WHEN jsonb_typeof(x.value) <> 'object' THEN 'is not a JSON object'
+                WHEN EXISTS (
+                    SELECT FROM jsonb_object_keys(x.value) AS k (key)
+                    WHERE k.key NOT IN ('type', 'data', 'metadata', 'id')
+                ) THEN 'has a key other than type, data, metadata and id'
+                WHEN jsonb_typeof(x.value -> 'type') IS DISTINCT FROM 'string'
+                    OR x.value ->> 'type' = '' OR length(x.value ->> 'type') > 255
+                    THEN 'needs "type": a non-empty string of at most 255 characters'
+                WHEN jsonb_typeof(x.value -> 'data') IS DISTINCT FROM 'object'
+                    THEN 'needs "data": a JSON object'
+                WHEN jsonb_typeof(x.value -> 'metadata') NOT IN ('object', 'null')
+                    THEN 'has "metadata" that is not a JSON object or null'
+                WHEN jsonb_typeof(x.value -> 'id') NOT IN ('string', 'null')
+                    OR (jsonb_typeof(x.value -> 'id') = 'string' AND x.value ->> 'id' !~*
+                        '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
+                    THEN 'has "id" that is not a UUID string'
+            END AS text
+        ) AS reason
+        WHERE reason.text IS NOT NULL
+        ORDER BY x.ord
+        LIMIT 1;
+        IF FOUND THEN
+            PERFORM meowmx._fail('MX013', 'malformed event in events array',
+                format('event %s %s', problem.ord, problem.text),
+                'Each event is {"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"};'
+                ' metadata and id are optional.');
+        END IF;
         PERFORM meowmx._fail('MX013', 'malformed event in events array',
             format('event %s %s', problem.ord, problem.text),
             'Each event is {"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"};'
             ' metadata and id are optional.');
     END IF;
-
-    SELECT
-        array_agg(x.value ->> 'type' ORDER BY x.ord) AS types,
-        array_agg(x.value -> 'data' ORDER BY x.ord) AS data,
-        array_agg(nullif(x.value -> 'metadata', 'null') ORDER BY x.ord) AS metadata,
-        array_agg((x.value ->> 'id')::uuid ORDER BY x.ord) AS ids,
-        count(DISTINCT (x.value ->> 'id')::uuid) AS distinct_ids,
-        count(x.value ->> 'id') AS ids_given
-    INTO batch
-    FROM jsonb_array_elements(events) WITH ORDINALITY AS x (value, ord);
     IF batch.distinct_ids <> batch.ids_given THEN
         PERFORM meowmx._fail('MX013', 'duplicate event id in events array',
             format('%s ids given, %s distinct', batch.ids_given, batch.distinct_ids),
