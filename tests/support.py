@@ -30,6 +30,29 @@ def call_sql(conn: Connection, function: str, columns: str = "*", **named: Any) 
     return conn.execute(f"SELECT {columns} FROM meowmx.{function}({args})", params).fetchall()
 
 
+# The contract's event columns (more may be added, none removed).
+EVENT_COLUMNS = [
+    "position",
+    "transaction_id",
+    "category",
+    "stream_id",
+    "version",
+    "event_type",
+    "data",
+    "metadata",
+    "event_id",
+    "recorded_at",
+    "cursor",
+]
+
+
+def scalar(conn: Connection, sql: str, params: Any = ()) -> Any:
+    """The first column of the first row."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def event_count(conn: Connection) -> int:
     return conn.execute("SELECT count(*) FROM meowmx.events").fetchone()[0]  # type: ignore[index]
 

@@ -26,21 +26,9 @@ import pytest
 
 import meowmx
 from meowmx import Client, cli
+from support import EVENT_COLUMNS
 
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
-EVENT_KEYS = {
-    "position",
-    "transaction_id",
-    "category",
-    "stream_id",
-    "version",
-    "event_type",
-    "data",
-    "metadata",
-    "event_id",
-    "recorded_at",
-    "cursor",
-}
 Capsys = pytest.CaptureFixture[str]
 
 
@@ -167,7 +155,7 @@ def test_append_then_read_in_every_shape(
         ("order", 2),
         ("invoice", 1),
     ]
-    assert all(set(e) == EVENT_KEYS for e in events)
+    assert all(set(e) == set(EVENT_COLUMNS) for e in events)
     assert events[0]["data"] == {"amount": 25.5}
     assert events[1]["metadata"] == {"by": "cli"} and events[1]["event_id"] == event_id
     assert events[0]["recorded_at"][:4].isdigit()  # ISO 8601

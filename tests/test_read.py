@@ -15,22 +15,7 @@ from psycopg.types.json import Jsonb
 
 import meowmx
 from meowmx import Client, NewEvent, RecordedEvent
-from support import call_sql, wait_for_horizon
-
-# The contract's event columns (more may be added, none removed).
-EVENT_COLUMNS = [
-    "position",
-    "transaction_id",
-    "category",
-    "stream_id",
-    "version",
-    "event_type",
-    "data",
-    "metadata",
-    "event_id",
-    "recorded_at",
-    "cursor",
-]
+from support import EVENT_COLUMNS, call_sql, wait_for_horizon
 
 # (category, stream_id, event_type) appended one transaction each, in this order,
 # and then one batch of two in a single transaction.

@@ -29,16 +29,9 @@ from meowmx.errors import (
     SubscriptionConflict,
     SubscriptionNotFound,
 )
-from support import call_sql, raises_meowmx, wait_for_horizon, wait_until
+from support import call_sql, raises_meowmx, scalar, wait_for_horizon, wait_until
 
 Connection = psycopg.Connection[Any]
-
-
-def scalar(conn: Connection, sql: str, params: Any = ()) -> Any:
-    """The first column of the first row."""
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row[0]
 
 
 SUB = "projector"

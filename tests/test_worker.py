@@ -27,16 +27,9 @@ from psycopg_pool import ConnectionPool
 import meowmx
 from meowmx import ClaimedEvent, Client, Worker
 from meowmx.errors import LeaseLost
-from support import raises_meowmx, wait_for_horizon, wait_until
+from support import raises_meowmx, scalar, wait_for_horizon, wait_until
 
 Connection = psycopg.Connection[Any]
-
-
-def scalar(conn: Connection, sql: str, params: Any = ()) -> Any:
-    """The first column of the first row."""
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row[0]
 
 
 SUB = "projector"
