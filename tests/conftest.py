@@ -79,12 +79,26 @@ class _Databases:
         self.names.clear()
 
 
+def _docker_engine() -> bool:
+    """A reachable Docker engine and the testcontainers package (extra `docker`)."""
+    if importlib.util.find_spec("testcontainers") is None or shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
 @pytest.fixture(scope="session")
 def server_dsn() -> Iterator[str]:
-    """DSN of the server under test: MEOWMX_TEST_DSN, or an embedded PostgreSQL 18."""
+    """DSN of the server under test: MEOWMX_TEST_DSN; else a PostgreSQL 18 container
+    where a Docker engine runs; else an embedded PostgreSQL 18 (pip only)."""
     target = os.environ.get("MEOWMX_TEST_DSN")
     if target:
         yield target
+        return
+    if _docker_engine():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:18", driver=None) as container:
+            yield container.get_connection_url()
         return
     from meowmx.embedded import embedded_server
 
