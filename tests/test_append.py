@@ -301,6 +301,18 @@ def test_an_event_id_is_unique_in_the_store(
     assert stored_id_of(db, "cart", "1") == event_id
 
 
+def test_a_retry_of_a_batch_where_only_some_events_have_ids_returns_the_original(
+    api: Any, db: psycopg.Connection[Any]
+) -> None:
+    api.append_many("cart", "1", new_events(1))
+    batch = [NewEvent("Added", {"n": 1}, id=uuid.uuid4()), NewEvent("Added", {"n": 2})]
+    first = api.append_many("cart", "1", batch)
+    count = event_count(db)
+    assert api.append_many("cart", "1", batch, expected_version=1) == first
+    assert event_count(db) == count
+    assert [a.version for a in first] == [2, 3]
+
+
 @pytest.mark.parametrize(
     "retry",
     [

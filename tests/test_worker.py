@@ -475,6 +475,36 @@ def test_transactional_failure_mid_batch_keeps_earlier_writes_exactly_once(
                 worker.client.close()
 
 
+def test_transactional_failure_while_reapplying_is_nacked_where_it_happened(
+    conn: Connection, client: Client, dsn: str, read_model: Any
+) -> None:
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 6)
+    wait_for_horizon(conn)
+    failures = [events[4], events[2]]  # the 5th fails first, then the 3rd when reapplied
+
+    def handler(event: ClaimedEvent, tx: Connection) -> None:
+        write(event, tx)
+        if failures and event.position == failures[0]:
+            failures.pop(0)
+            raise ValueError("flaky")
+
+    worker = Worker(dsn, SUB, handler, transactional=True, backoff=NO_BACKOFF, listen=False)
+    assert run_once_bounded(worker) == 2
+    assert read_model() == events[:2]  # committed once, with their ack
+    [st] = status(client)
+    assert (st.attempts, st.events_behind) == (1, 4)  # the 3rd event's failure is counted
+    assert run_once_bounded(worker) == 4
+    assert read_model() == events
+
+
+def test_a_worker_refuses_a_connection_that_is_not_autocommit(
+    connect: Callable[..., Connection],
+) -> None:
+    with pytest.raises(ValueError, match="autocommit"):
+        Worker(connect(autocommit=False), SUB, lambda event: None)
+
+
 def test_transactional_reset_during_the_handler_rolls_its_writes_back(
     conn: Connection, client: Client, workers: Callable[..., Worker], read_model: Any
 ) -> None:

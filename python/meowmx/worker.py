@@ -61,6 +61,10 @@ class Worker:
         transactional: bool = False,
         backoff: Callable[[int], timedelta] = default_backoff,
     ):
+        if isinstance(target, psycopg.Connection) and not target.autocommit:
+            # Claims and acks would sit in a transaction nobody commits, holding
+            # the lease rows and the read horizon.
+            raise ValueError("a Worker needs an autocommit connection, a DSN or a pool")
         self.client = target if isinstance(target, Client) else Client(target)
         self._owns_client = not isinstance(target, Client)
         self.subscription = subscription
@@ -118,15 +122,17 @@ class Worker:
 
     def _handle_in_transaction(self, batch: list[ClaimedEvent]) -> int:
         with self.client._connect() as conn:
-            failed_at = self._apply(conn, batch)
-            if failed_at is None:
-                return len(batch)
-            # The failed transaction rolled back everything: apply the events
-            # before the failure again, then record the failure.
-            if failed_at[0] > 0 and self._apply(conn, batch[: failed_at[0]]) is not None:
-                return 0
-            self._nack(batch[failed_at[0]], failed_at[1], conn)
-            return failed_at[0]
+            # A failure rolls back the whole transaction: apply the events before
+            # it again (and again, should one of those fail now), then nack it.
+            done, error = len(batch), None
+            while done > 0:
+                failed = self._apply(conn, batch[:done])
+                if failed is None:
+                    break
+                done, error = failed
+            if error is not None:
+                self._nack(batch[done], error, conn)
+            return done
 
     def _apply(self, conn: Conn, events: list[ClaimedEvent]) -> tuple[int, Exception] | None:
         """Handle `events` and ack the last in one transaction; on a handler error,
@@ -244,6 +250,7 @@ class _Listener:
         self.conn: psycopg.Connection[Any] | None = None
         self.catch_up_to: int | None = None  # an xid8: drain until the horizon passes it
         self.catch_up_until = 0.0  # a long transaction must not keep it spinning
+        self.catch_up_pause = 0.002
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self.conn is None or self.conn.closed or self.conn.broken:
@@ -258,7 +265,10 @@ class _Listener:
                 _xid(conn, "pg_snapshot_xmin") < self.catch_up_to
                 and time.monotonic() < self.catch_up_until
             ):
-                time.sleep(0.002)  # appenders that skipped NOTIFY are still committing
+                # Appenders that skipped NOTIFY are still committing; back off in
+                # case an unrelated long transaction holds the horizon.
+                time.sleep(self.catch_up_pause)
+                self.catch_up_pause = min(0.1, self.catch_up_pause * 2)
                 return
             self.catch_up_to = None
         # Wait in short slices so that stop() takes effect promptly.
@@ -273,6 +283,7 @@ class _Listener:
         if woke:
             self.catch_up_to = _xid(conn, "pg_snapshot_xmax")
             self.catch_up_until = time.monotonic() + self.worker.poll_interval
+            self.catch_up_pause = 0.002
 
     def close(self) -> None:
         if self.conn is not None:

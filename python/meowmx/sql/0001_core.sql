@@ -278,7 +278,8 @@ BEGIN
                 WHERE e.category <> p_category OR e.stream_id <> p_stream_id
             ) AS other_stream,
             -- same order and no gaps: version - ordinal is the same for all
-            max(e.version - i.ord) = min(e.version - i.ord) AS in_order
+            max(e.version - i.ord) = min(e.version - i.ord) AS in_order,
+            min(e.version - i.ord) AS base
         INTO retry
         FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
         INNER JOIN meowmx.events AS e ON e.event_id = i.id;
@@ -288,12 +289,21 @@ BEGIN
                 format('an event id of this append is stored in stream %s', retry.other_stream),
                 'Event ids are unique in the store; give each new event a new id.');
         ELSIF retry.found > 0 THEN
-            IF retry.found = cardinality(p_ids) AND retry.in_order THEN
-                -- A retry of an append that succeeded: return what it returned.
+            -- A retry of an append that succeeded holds the whole batch at
+            -- consecutive versions, each event with the id it was sent with
+            -- (or none): return what the append returned.
+            IF retry.found = given_ids AND retry.in_order AND (
+                SELECT count(*) FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
+                INNER JOIN meowmx.events AS e
+                    ON e.category = p_category AND e.stream_id = p_stream_id
+                    AND e.version = retry.base + i.ord
+                WHERE e.event_id IS NOT DISTINCT FROM i.id
+            ) = cardinality(p_ids) THEN
                 RETURN QUERY
                 SELECT e.version, e.position
                 FROM meowmx.events AS e
-                WHERE e.event_id = ANY(p_ids)
+                WHERE e.category = p_category AND e.stream_id = p_stream_id
+                    AND e.version BETWEEN retry.base + 1 AND retry.base + cardinality(p_ids)
                 ORDER BY e.version;
                 RETURN;
             END IF;
