@@ -186,6 +186,12 @@ BEGIN
 END;
 $$;
 
+-- The advisory lock key of a stream: appenders (and deletes) of one stream take
+-- it until they commit. SQL-standard body: bound when created, inlined.
+CREATE FUNCTION meowmx._stream_lock_key(category text, stream_id text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN hashtextextended('meowmx/stream/' || category || '/' || stream_id, 0);
+
 -- Takes the stream's lock, then returns its version after checking the
 -- expected version and the transaction order. Appenders of one stream are
 -- serialized by an advisory lock taken before the append assigns a
@@ -200,8 +206,7 @@ DECLARE
     current_version bigint;
     last_transaction_id xid8;
 BEGIN
-    PERFORM pg_advisory_xact_lock(
-        hashtextextended('meowmx/stream/' || p_category || '/' || p_stream_id, 0));
+    PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(p_category, p_stream_id));
 
     SELECT e.version, e.transaction_id INTO current_version, last_transaction_id
     FROM meowmx.events AS e
@@ -270,15 +275,13 @@ DECLARE
 BEGIN
     IF given_ids > 0 THEN
         -- Under the stream's lock, so that concurrent retries see each other.
-        PERFORM pg_advisory_xact_lock(
-            hashtextextended('meowmx/stream/' || p_category || '/' || p_stream_id, 0));
+        PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(p_category, p_stream_id));
         SELECT
             count(*) AS found,
             min(e.category || '/' || e.stream_id) FILTER (
                 WHERE e.category <> p_category OR e.stream_id <> p_stream_id
             ) AS other_stream,
-            -- same order and no gaps: version - ordinal is the same for all
-            max(e.version - i.ord) = min(e.version - i.ord) AS in_order,
+            -- where the batch would start if this is a retry
             min(e.version - i.ord) AS base
         INTO retry
         FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
@@ -292,7 +295,7 @@ BEGIN
             -- A retry of an append that succeeded holds the whole batch at
             -- consecutive versions, each event with the id it was sent with
             -- (or none): return what the append returned.
-            IF retry.found = given_ids AND retry.in_order AND (
+            IF (
                 SELECT count(*) FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
                 INNER JOIN meowmx.events AS e
                     ON e.category = p_category AND e.stream_id = p_stream_id
@@ -433,7 +436,6 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    problem record;
     batch record;
 BEGIN
     PERFORM meowmx._check_stream(category, stream_id);
@@ -445,67 +447,42 @@ BEGIN
             ' metadata and id are optional.');
     END IF;
 
-    -- One pass: the arrays to insert, and whether every element is well formed.
+    -- One pass: the arrays to insert, and what is wrong with the first bad element.
     SELECT
-        min(x.ord) FILTER (WHERE NOT x.ok) AS first_bad,
+        min(x.ord) FILTER (WHERE x.problem IS NOT NULL) AS bad_ord,
+        (array_agg(x.problem ORDER BY x.ord) FILTER (WHERE x.problem IS NOT NULL))[1] AS bad,
         array_agg(x.value ->> 'type' ORDER BY x.ord) AS types,
         array_agg(x.value -> 'data' ORDER BY x.ord) AS data,
         array_agg(nullif(x.value -> 'metadata', 'null') ORDER BY x.ord) AS metadata,
-        array_agg(CASE WHEN x.ok THEN (x.value ->> 'id')::uuid END ORDER BY x.ord) AS ids,
-        count(DISTINCT CASE WHEN x.ok THEN (x.value ->> 'id')::uuid END) AS distinct_ids,
+        array_agg(CASE WHEN x.problem IS NULL THEN (x.value ->> 'id')::uuid END
+            ORDER BY x.ord) AS ids,
+        count(DISTINCT CASE WHEN x.problem IS NULL THEN (x.value ->> 'id')::uuid END)
+            AS distinct_ids,
         count(x.value ->> 'id') AS ids_given
     INTO batch
     FROM (
-        SELECT e.value, e.ord, coalesce(CASE WHEN jsonb_typeof(e.value) = 'object' THEN
-            e.value - '{type,data,metadata,id}'::text[] = '{}'::jsonb
-            AND jsonb_typeof(e.value -> 'type') = 'string'
-            AND meowmx._valid_name(e.value ->> 'type')
-            AND jsonb_typeof(e.value -> 'data') = 'object'
-            AND coalesce(jsonb_typeof(e.value -> 'metadata') IN ('object', 'null'), true)
-            AND (
-                coalesce(jsonb_typeof(e.value -> 'id') = 'null', true)
-                OR jsonb_typeof(e.value -> 'id') = 'string' AND e.value ->> 'id' ~*
-                '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-            )
-        END, false) AS ok
+        SELECT e.value, e.ord, CASE
+            WHEN jsonb_typeof(e.value) <> 'object' THEN 'is not a JSON object'
+            WHEN e.value - '{type,data,metadata,id}'::text[] <> '{}'::jsonb
+                THEN 'has a key other than type, data, metadata and id'
+            WHEN jsonb_typeof(e.value -> 'type') IS DISTINCT FROM 'string'
+                OR NOT meowmx._valid_name(e.value ->> 'type')
+                THEN 'needs "type": a non-empty string of at most 255 characters'
+            WHEN jsonb_typeof(e.value -> 'data') IS DISTINCT FROM 'object'
+                THEN 'needs "data": a JSON object'
+            WHEN jsonb_typeof(e.value -> 'metadata') NOT IN ('object', 'null')
+                THEN 'has "metadata" that is not a JSON object or null'
+            WHEN jsonb_typeof(e.value -> 'id') NOT IN ('string', 'null')
+                OR (jsonb_typeof(e.value -> 'id') = 'string' AND e.value ->> 'id' !~*
+                    '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
+                THEN 'has "id" that is not a UUID string'
+        END AS problem
         FROM jsonb_array_elements(events) WITH ORDINALITY AS e (value, ord)
     ) AS x;
 
-    IF batch.first_bad IS NOT NULL THEN
-        -- Name the first bad element precisely.
-        SELECT x.ord, reason.text INTO problem
-        FROM jsonb_array_elements(events) WITH ORDINALITY AS x (value, ord)
-        CROSS JOIN LATERAL (
-            SELECT CASE
-                WHEN jsonb_typeof(x.value) <> 'object' THEN 'is not a JSON object'
-                WHEN EXISTS (
-                    SELECT FROM jsonb_object_keys(x.value) AS k (key)
-                    WHERE k.key NOT IN ('type', 'data', 'metadata', 'id')
-                ) THEN 'has a key other than type, data, metadata and id'
-                WHEN jsonb_typeof(x.value -> 'type') IS DISTINCT FROM 'string'
-                    OR x.value ->> 'type' = '' OR length(x.value ->> 'type') > 255
-                    THEN 'needs "type": a non-empty string of at most 255 characters'
-                WHEN jsonb_typeof(x.value -> 'data') IS DISTINCT FROM 'object'
-                    THEN 'needs "data": a JSON object'
-                WHEN jsonb_typeof(x.value -> 'metadata') NOT IN ('object', 'null')
-                    THEN 'has "metadata" that is not a JSON object or null'
-                WHEN jsonb_typeof(x.value -> 'id') NOT IN ('string', 'null')
-                    OR (jsonb_typeof(x.value -> 'id') = 'string' AND x.value ->> 'id' !~*
-                        '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
-                    THEN 'has "id" that is not a UUID string'
-            END AS text
-        ) AS reason
-        WHERE reason.text IS NOT NULL
-        ORDER BY x.ord
-        LIMIT 1;
-        IF FOUND THEN
-            PERFORM meowmx._fail('MX013', 'malformed event in events array',
-                format('event %s %s', problem.ord, problem.text),
-                'Each event is {"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"};'
-                ' metadata and id are optional.');
-        END IF;
+    IF batch.bad_ord IS NOT NULL THEN
         PERFORM meowmx._fail('MX013', 'malformed event in events array',
-            format('event %s %s', problem.ord, problem.text),
+            format('event %s %s', batch.bad_ord, batch.bad),
             'Each event is {"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"};'
             ' metadata and id are optional.');
     END IF;

@@ -158,9 +158,10 @@ BEGIN
                 wanted.start_at, wanted.max_attempts) THEN
             PERFORM meowmx._fail('MX021', 'subscription exists with another definition',
                 format('%s is defined as categories %s, event_types %s, partitions %s, '
-                    'start_at %s, max_attempts %s', name, coalesce(existing.categories::text, 'NULL'),
-                    coalesce(existing.event_types::text, 'NULL'), existing.partitions, existing.start_at,
-                    existing.max_attempts),
+                    'start_at %s, max_attempts %s', name,
+                    coalesce(existing.categories::text, 'NULL'),
+                    coalesce(existing.event_types::text, 'NULL'), existing.partitions,
+                    existing.start_at, existing.max_attempts),
                 'Use another name, or drop the subscription first.');
         END IF;
         RETURN false;
@@ -223,7 +224,9 @@ DECLARE
     candidate record;
     part meowmx.subscription_partitions;
     ev meowmx.recorded_event;
-    last_scanned meowmx.recorded_event;
+    -- The last event scanned, of any partition: where the batch ends.
+    last_xid xid8;
+    last_position bigint;
     scanned integer;
     returned integer;
     last_returned bigint;
@@ -277,7 +280,8 @@ BEGIN
                     event_types => sub.event_types)
             LOOP
                 scanned := scanned + 1;
-                last_scanned := ev;
+                last_xid := ev.transaction_id;
+                last_position := ev.position;
                 IF sub.partitions = 1
                     OR meowmx._partition_of(ev.category, ev.stream_id, sub.partitions)
                     = part.partition THEN
@@ -291,8 +295,8 @@ BEGIN
 
             IF returned > 0 THEN
                 UPDATE meowmx.subscription_partitions AS p SET
-                    batch_end_xid = last_scanned.transaction_id,
-                    batch_end_position = last_scanned.position,
+                    batch_end_xid = last_xid,
+                    batch_end_position = last_position,
                     batch_last_position = last_returned,
                     lease_owner = worker,
                     lease_expires_at = at + lease,
@@ -303,8 +307,8 @@ BEGIN
 
             -- The scan held none of this partition's events: move past them for
             -- good, so an idle partition does not scan them again.
-            part.checkpoint_xid := last_scanned.transaction_id;
-            part.checkpoint_position := last_scanned.position;
+            part.checkpoint_xid := last_xid;
+            part.checkpoint_position := last_position;
             UPDATE meowmx.subscription_partitions AS p SET
                 checkpoint_xid = part.checkpoint_xid,
                 checkpoint_position = part.checkpoint_position,

@@ -116,8 +116,7 @@ BEGIN
             'Versions start at 1; pass NULL to delete the whole stream.');
     END IF;
     -- Appenders of the stream wait, so versions stay consistent with what is left.
-    PERFORM pg_advisory_xact_lock(
-        hashtextextended('meowmx/stream/' || category || '/' || stream_id, 0));
+    PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
 
     DELETE FROM meowmx.parked_events AS d
     USING meowmx.events AS e
