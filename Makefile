@@ -24,13 +24,13 @@ test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/sqlfluff lint python/meowmx/sql
+	$(BIN)/sqlfluff lint sql
 	$(BIN)/ruff check $(PY_DIRS)
 	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/sqlfluff fix python/meowmx/sql
+	$(BIN)/sqlfluff fix sql
 	$(BIN)/ruff check --fix $(PY_DIRS)
 	$(BIN)/ruff format $(PY_DIRS)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from importlib.resources import files
 from typing import Any
 
 import psycopg
@@ -15,6 +14,7 @@ from psycopg.types.json import Jsonb
 import meowmx
 from meowmx import Client, NewEvent
 from meowmx.errors import ERRORS
+from meowmx.install import schema_files
 from support import call_sql, event_count, raises_meowmx, stream_version
 
 LONG = "x" * 256  # one past the 255-character limit
@@ -184,10 +184,7 @@ def test_the_limits_themselves_are_accepted(db: psycopg.Connection[Any]) -> None
 
 def raised_sqlstates() -> set[str]:
     """Every meowmx SQLSTATE named in the shipped SQL."""
-    sql_dir = files("meowmx").joinpath("sql")
-    text = "".join(
-        f.read_text(encoding="utf-8") for f in sql_dir.iterdir() if f.name.endswith(".sql")
-    )
+    text = "".join(sql for _, sql in schema_files())
     return set(re.findall(r"'(MX\d{3})'", text))
 
 

@@ -1,5 +1,6 @@
-"""Installing: idempotent, concurrent, refuses a newer schema; migrations and the one-file
-script give the same schema; migration files and function settings follow the rules."""
+"""Installing: idempotent, concurrent, refuses a newer schema. The current definition
+(sql/schema/) and the frozen upgrades (sql/upgrades/) give the same catalog, and a
+mismatch names the object; the SQL files follow the rules."""
 
 from __future__ import annotations
 
@@ -8,30 +9,19 @@ import subprocess
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from importlib.resources import files
 
 import psycopg
 import pytest
 
 import meowmx
-from support import CATALOG_QUERIES, schema_of
+from catalog import catalog_of, differences
+from meowmx.install import migrations, schema_files, sql_dir
 
 Psql = Callable[..., subprocess.CompletedProcess[str]]
-SQL_DIR = files("meowmx").joinpath("sql")
-MIGRATION_NAME = re.compile(r"(\d{4})_(\w+)\.sql")
-
-
-def migration_files() -> list[tuple[int, str, str]]:
-    """(number, name, text) of every migration file, by number."""
-    found = []
-    for entry in SQL_DIR.iterdir():
-        match = MIGRATION_NAME.fullmatch(entry.name)
-        if match:
-            found.append((int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-ALL_VERSIONS = [number for number, _, _ in migration_files()]
+UPGRADES_DIR = sql_dir().joinpath("upgrades")
+UPGRADE_NAME = re.compile(r"(\d{4})_(\w+)\.sql")
+ALL_VERSIONS = [m.version for m in migrations()]
+PSQL_SCRIPT = ["-q", "-1", "-f", "-"]
 
 
 def recorded(dsn: str) -> list[tuple[int, str]]:
@@ -84,41 +74,65 @@ def test_a_newer_schema_is_refused(dsn: str) -> None:
     assert [v for v, _ in recorded(dsn)] == [*ALL_VERSIONS, 9999]
 
 
-# The one-file script and the migrations give the same schema ------------------------------
+# The current definition and the upgrades agree ----------------------------------------
 
 
-def test_the_one_file_script_installs_the_same_schema(
+def test_the_schema_and_the_upgrade_chain_give_the_same_catalog(
     extra_db: Callable[[], str], psql: Psql
 ) -> None:
-    by_script, by_install = extra_db(), extra_db()
-    psql(meowmx.script(), by_script, args=["-q", "-1", "-f", "-"])
-    meowmx.install(by_install)
-
-    scripted, installed = schema_of(by_script), schema_of(by_install)
-    for part in CATALOG_QUERIES:
-        assert scripted[part] == installed[part], part
-    assert scripted["functions"] and scripted["indexes"] and scripted["routine_grants"]
-    functions = {row[0].split("(")[0] for row in installed["functions"]}
-    assert {"append_event", "read_events", "version"} <= functions
-    # install() recognises what the script installed.
-    assert meowmx.install(by_script) == []
+    """The guard against drift: what `meowmx sql` prints for a fresh database, and the
+    upgrades 1..N one after another, as other stacks apply them."""
+    fresh, chained = extra_db(), extra_db()
+    psql(meowmx.script(), fresh, args=PSQL_SCRIPT)
+    for version in ALL_VERSIONS:
+        psql(meowmx.script(after=version - 1, upto=version), chained, args=PSQL_SCRIPT)
+    want, got = catalog_of(fresh), catalog_of(chained)
+    assert want["functions"] and want["indexes"] and want["columns"] and want["types"]
+    assert differences(want, got) == []
+    assert meowmx.install(fresh) == [] and meowmx.install(chained) == []
 
 
-def test_upgrading_step_by_step_gives_the_same_schema_and_keeps_events(
-    extra_db: Callable[[], str], psql: Psql
-) -> None:
-    stepwise, at_once = extra_db(), extra_db()
-    psql(meowmx.script(upto=1), stepwise, args=["-q", "-1", "-f", "-"])
+def test_a_drifted_definition_is_named(extra_db: Callable[[], str]) -> None:
+    """differences() catches each kind of drift and names the object."""
+    want, drifted = extra_db(), extra_db()
+    meowmx.install(want)
+    meowmx.install(drifted)
+    with psycopg.connect(drifted, autocommit=True) as conn:
+        body = conn.execute(
+            "SELECT pg_get_functiondef('meowmx.stream_version(text, text)'::regprocedure)"
+        ).fetchone()[0]  # type: ignore[index]
+        conn.execute(body.replace("RETURN coalesce(", "RETURN 0 + coalesce("))
+        conn.execute("REVOKE EXECUTE ON FUNCTION meowmx.version() FROM meowmx_reader")
+        conn.execute("ALTER FUNCTION meowmx.ack(text, text, integer, bigint) SECURITY INVOKER")
+        conn.execute("CREATE INDEX events_extra_idx ON meowmx.events (recorded_at)")
+        conn.execute("ALTER TABLE meowmx.snapshots ALTER COLUMN created_at DROP DEFAULT")
+    assert differences(catalog_of(want), catalog_of(drifted)) == [
+        "relations: events_extra_idx is extra",
+        "columns: events_extra_idx.recorded_at is extra",
+        "columns: snapshots.created_at differs in default",
+        "indexes: events_extra_idx is extra",
+        "functions: meowmx.ack(subscription text, worker text, partition integer,"
+        " event_position bigint) differs in security_definer, definition",
+        "functions: meowmx.stream_version(category text, stream_id text)"
+        " differs in body, definition",
+        "functions: meowmx.version() differs in acl",
+    ]
+
+
+def test_the_schema_records_every_upgrade(dsn: str) -> None:
+    assert recorded(dsn) == [(m.version, m.name) for m in migrations()]
+
+
+def test_upgrading_step_by_step_keeps_events(extra_db: Callable[[], str], psql: Psql) -> None:
+    stepwise = extra_db()
+    psql(meowmx.script(upto=1), stepwise, args=PSQL_SCRIPT)
     psql(
         "SELECT meowmx.append_event(category => 'cart', stream_id => '1',"
         " event_type => 'Created', data => '{\"n\": 1}');",
         stepwise,
     )
     for version in ALL_VERSIONS[1:]:
-        psql(meowmx.script(after=version - 1, upto=version), stepwise, args=["-q", "-1", "-f", "-"])
-    meowmx.install(at_once)
-
-    assert schema_of(stepwise) == schema_of(at_once)
+        psql(meowmx.script(after=version - 1, upto=version), stepwise, args=PSQL_SCRIPT)
     assert [v for v, _ in recorded(stepwise)] == ALL_VERSIONS
     done = psql(
         "SELECT version, data FROM meowmx.read_stream(category => 'cart', stream_id => '1');",
@@ -127,22 +141,25 @@ def test_upgrading_step_by_step_gives_the_same_schema_and_keeps_events(
     assert done.stdout == '1|{"n": 1}\n'
 
 
-# Migration files --------------------------------------------------------------------------
+# SQL files ------------------------------------------------------------------------------
 
 
-def test_migration_files_are_numbered_consecutively_from_one() -> None:
-    sql_files = [entry.name for entry in SQL_DIR.iterdir() if entry.name.endswith(".sql")]
-    assert sql_files, "no migrations shipped"
-    misnamed = [name for name in sql_files if not MIGRATION_NAME.fullmatch(name)]
+def test_upgrades_are_numbered_consecutively_from_one() -> None:
+    sql_files = [entry.name for entry in UPGRADES_DIR.iterdir() if entry.name.endswith(".sql")]
+    assert sql_files, "no upgrades shipped"
+    misnamed = [name for name in sql_files if not UPGRADE_NAME.fullmatch(name)]
     assert misnamed == [], "install() would silently skip these"
     assert ALL_VERSIONS == list(range(1, len(ALL_VERSIONS) + 1))
     assert meowmx.latest_version() == ALL_VERSIONS[-1]
 
 
-@pytest.mark.parametrize(
-    "text", [pytest.param(text, id=f"{n:04d}_{name}") for n, name, text in migration_files()]
-)
-def test_a_migration_is_plain_sql(text: str) -> None:
+SQL_FILES = [(f"upgrades/{m.version:04d}_{m.name}.sql", m.sql) for m in migrations()] + [
+    (f"schema/{name}", text) for name, text in schema_files()
+]
+
+
+@pytest.mark.parametrize("text", [pytest.param(text, id=name) for name, text in SQL_FILES])
+def test_sql_files_are_plain_sql(text: str) -> None:
     meta_commands = [line for line in text.splitlines() if line.lstrip().startswith("\\")]
     assert meta_commands == [], "psql meta-commands do not run in other tools"
     assert re.search(r"\b(BEGIN|COMMIT)\s*;", text, re.IGNORECASE) is None, (
@@ -150,14 +167,38 @@ def test_a_migration_is_plain_sql(text: str) -> None:
     )
 
 
-def test_each_migration_records_itself(extra_db: Callable[[], str], psql: Psql) -> None:
+def test_the_schema_defines_each_function_once_with_its_grant() -> None:
+    """One current definition per function; a public one says SECURITY DEFINER (but
+    horizon_blockers, which must run as its caller) and grants EXECUTE right after."""
+    text = "".join(text for _, text in schema_files())
+    defined = re.findall(r"^CREATE FUNCTION meowmx\.(\w+)\(", text, re.MULTILINE)
+    assert len(defined) == len(set(defined)), "a function is defined twice in sql/schema/"
+    assert "CREATE OR REPLACE" not in text and "ALTER FUNCTION" not in text
+    blocks = re.split(r"^(?=CREATE FUNCTION )", text, flags=re.MULTILINE)[1:]
+    for block in blocks:
+        name = re.match(r"CREATE FUNCTION meowmx\.(\w+)", block)[1]  # type: ignore[index]
+        if name.startswith("_"):
+            assert "GRANT" not in block, f"private {name} is granted"
+            continue
+        definer = "SECURITY DEFINER" in block.split("$$")[0].split("RETURN ")[0]
+        assert definer == (name != "horizon_blockers"), name
+        assert re.search(rf"\nGRANT EXECUTE ON FUNCTION meowmx\.{name}\(", block), name
+
+
+def test_each_upgrade_records_itself(extra_db: Callable[[], str], psql: Psql) -> None:
     """Applied one by one with plain psql, each file adds exactly its own row."""
     target = extra_db()
-    for number, name, _ in migration_files():
-        psql("", target, args=["-q", "-1", "-f", str(SQL_DIR.joinpath(f"{number:04d}_{name}.sql"))])
-        assert recorded(target)[-1] == (number, name)
-        assert len(recorded(target)) == number
+    for migration in migrations():
+        path = UPGRADES_DIR.joinpath(f"{migration.version:04d}_{migration.name}.sql")
+        psql("", target, args=["-q", "-1", "-f", str(path)])
+        assert recorded(target)[-1] == (migration.version, migration.name)
+        assert len(recorded(target)) == migration.version
     assert meowmx.install(target) == []
+
+
+def test_the_control_file_names_the_latest_version() -> None:
+    control = sql_dir().joinpath("meowmx.control").read_text(encoding="utf-8")
+    assert f"default_version = '{meowmx.latest_version()}'" in control
 
 
 # Function settings ------------------------------------------------------------------------

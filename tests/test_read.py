@@ -319,7 +319,7 @@ def test_a_filtered_cursor_continues_a_filtered_read(store: list[Any], client: C
 
 
 def test_version_is_the_newest_migration(client: Client, db: psycopg.Connection[Any]) -> None:
-    names = [f.name for f in files("meowmx").joinpath("sql").iterdir()]
+    names = [f.name for f in files("meowmx").joinpath("sql", "upgrades").iterdir()]
     newest = max(int(m[1]) for m in (re.fullmatch(r"(\d{4})_\w+\.sql", n) for n in names) if m)
     assert db.execute("SELECT meowmx.version()").fetchone() == (newest,)
     assert client.schema_version() == newest == meowmx.latest_version()

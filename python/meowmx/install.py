@@ -1,4 +1,9 @@
-"""Apply meowmx's SQL migrations, shipped inside the package, to a database."""
+"""Apply meowmx's SQL, shipped inside the package, to a database.
+
+``sql/schema/`` is the current definition: an empty database runs it, and it records
+every upgrade it includes. ``sql/upgrades/NNNN_name.sql`` are the frozen steps an
+existing database runs after its version.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -23,55 +29,75 @@ _INSTALL_LOCK = (
 
 @dataclass(frozen=True)
 class Migration:
+    """One frozen upgrade: what a database at `version - 1` runs to reach `version`."""
+
     version: int
     name: str
     sql: str
 
 
+def sql_dir() -> Traversable:
+    return files("meowmx").joinpath("sql")
+
+
 @cache
 def migrations() -> tuple[Migration, ...]:
-    """Every migration this package ships, oldest first."""
+    """Every upgrade this package ships (``sql/upgrades/``), oldest first."""
     found = []
-    for entry in files("meowmx").joinpath("sql").iterdir():
+    for entry in sql_dir().joinpath("upgrades").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     return tuple(sorted(found, key=lambda m: m.version))
 
 
+@cache
+def schema_files() -> tuple[tuple[str, str], ...]:
+    """(name, text) of each file of the current definition (``sql/schema/``), in order."""
+    entries = [e for e in sql_dir().joinpath("schema").iterdir() if e.name.endswith(".sql")]
+    return tuple((e.name, e.read_text(encoding="utf-8")) for e in sorted(entries, key=str))
+
+
 def latest_version() -> int:
     return migrations()[-1].version
 
 
-def script(after: int = 0, upto: int | None = None) -> str:
-    """One SQL script applying the migrations after `after` up to `upto` (default: all).
+def script(after: int | None = None, upto: int | None = None) -> str:
+    """The SQL that takes a database from version `after` to `upto` (default: the latest).
 
-    Run it in one transaction (`psql -1 -f`), or hand it to another stack's migrations.
+    Without `after`, a fresh install: the current definition (or, for an older `upto`,
+    the upgrades from 1). Run it in one transaction (`psql -v ON_ERROR_STOP=1 -1 -f`),
+    or hand it to another stack's migrations.
     """
     upto = latest_version() if upto is None else upto
+    if after is None and upto == latest_version():
+        header = f"-- meowmx schema version {upto}: a fresh install\n"
+        return header + "\n".join(f"-- schema/{name}\n{text}" for name, text in schema_files())
+    after = after or 0
     chosen = [m for m in migrations() if after < m.version <= upto]
     if not chosen:
         return f"-- meowmx schema: nothing to apply after version {after}\n"
-    header = f"-- meowmx schema: migrations {after + 1} to {upto}\n"
-    return header + "\n".join(f"-- {m.version:04d}_{m.name}.sql\n{m.sql}" for m in chosen)
+    header = f"-- meowmx schema: upgrades {after + 1} to {upto}\n"
+    return header + "\n".join(f"-- upgrades/{m.version:04d}_{m.name}.sql\n{m.sql}" for m in chosen)
 
 
 def write_extension(directory: Path) -> list[Path]:
     """Write meowmx.control and the extension scripts into `directory` (the server's
-    SHAREDIR/extension). The scripts are the migrations: meowmx--1.sql installs
-    version 1 and meowmx--N--M.sql updates, so CREATE EXTENSION chains them."""
-    control = files("meowmx").joinpath("sql").joinpath("meowmx.control")
-    written = [directory / "meowmx.control"]
-    written[0].write_text(control.read_text(encoding="utf-8"), encoding="utf-8")
-    previous = None
-    for migration in migrations():
-        name = f"meowmx--{migration.version}.sql"
-        if previous is not None:
-            name = f"meowmx--{previous}--{migration.version}.sql"
+    SHAREDIR/extension): meowmx--N.sql is the current definition, meowmx--1.sql the
+    first release, and meowmx--K--K+1.sql the upgrades, so ALTER EXTENSION UPDATE
+    chains them."""
+    control = sql_dir().joinpath("meowmx.control")
+    scripts = {"meowmx.control": control.read_text(encoding="utf-8")}
+    first, *later = migrations()
+    scripts[f"meowmx--{first.version}.sql"] = first.sql
+    for migration in later:
+        scripts[f"meowmx--{migration.version - 1}--{migration.version}.sql"] = migration.sql
+    scripts[f"meowmx--{latest_version()}.sql"] = script()
+    written = []
+    for name, text in scripts.items():
         path = directory / name
-        path.write_text(migration.sql, encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
         written.append(path)
-        previous = migration.version
     return written
 
 
@@ -84,15 +110,19 @@ def applied_versions(conn: psycopg.Connection[Any]) -> list[int]:
 
 
 def install(target: Target) -> list[int]:
-    """Apply the pending migrations in one transaction; return the versions applied.
+    """Install meowmx, or apply the pending upgrades, in one transaction; return the
+    versions applied.
 
     Idempotent, and safe when several processes install at once. A connection you
-    pass stays yours: if it is inside a transaction, the migrations join it.
+    pass stays yours: if it is inside a transaction, the install joins it.
     """
     with connection(target) as conn, conn.transaction():
         conn.execute(_INSTALL_LOCK)
         applied = applied_versions(conn)
-        if applied and applied[-1] > latest_version():
+        if not applied:
+            conn.execute(script())
+            return applied_versions(conn)
+        if applied[-1] > latest_version():
             raise SchemaTooNew(
                 "the database holds a newer meowmx schema than this package",
                 f"database schema version {applied[-1]}, package version {latest_version()}",

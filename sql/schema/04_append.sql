@@ -1,0 +1,295 @@
+-- Appends: one event, or a batch of one stream, with optimistic concurrency.
+
+-- Takes the stream's lock, then returns its version after checking the
+-- expected version and the transaction order. Appenders of one stream are
+-- serialized by an advisory lock taken before the append assigns a
+-- transaction id, so transaction ids grow with stream versions.
+CREATE FUNCTION meowmx._lock_stream(
+    p_category text, p_stream_id text, p_expected_version bigint
+) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    current_version bigint;
+    last_transaction_id xid8;
+BEGIN
+    PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(p_category, p_stream_id));
+
+    SELECT e.version, e.transaction_id INTO current_version, last_transaction_id
+    FROM meowmx.events AS e
+    WHERE e.category = p_category AND e.stream_id = p_stream_id
+    ORDER BY e.version DESC
+    LIMIT 1;
+    current_version := coalesce(current_version, 0);
+
+    IF p_expected_version IS NOT NULL AND NOT (
+        (p_expected_version = -1 AND current_version > 0)
+        OR p_expected_version = current_version
+    ) THEN
+        PERFORM meowmx._fail('MX001', 'wrong expected version',
+            format('stream %s/%s: expected version %s, actual version %s',
+                p_category, p_stream_id, p_expected_version, current_version),
+            'Read the stream again, decide again, and retry with its current version.');
+    END IF;
+
+    -- Only a transaction that wrote before this call can hold an id older than
+    -- the stream's last append; its events would sort before that append.
+    IF pg_current_xact_id_if_assigned() < last_transaction_id THEN
+        PERFORM meowmx._fail('MX004', 'transaction is older than the stream''s last append',
+            format('stream %s/%s was appended to by transaction %s, which started after '
+                'this one took its transaction id %s', p_category, p_stream_id,
+                last_transaction_id, pg_current_xact_id_if_assigned()),
+            'Retry the whole transaction, or append before writing anything else in it.');
+    END IF;
+    RETURN current_version;
+END;
+$$;
+
+-- Wakes listeners. Only one open appending transaction at a time notifies
+-- (NOTIFY serializes commits cluster-wide); a woken listener reads until the
+-- horizon passes every transaction that was open when it woke, which covers
+-- the appenders that skipped their NOTIFY.
+CREATE FUNCTION meowmx._notify() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF coalesce(current_setting('meowmx.notify', true), '') <> 'off'
+        AND pg_try_advisory_xact_lock(hashtextextended('meowmx/notify', 0)) THEN
+        PERFORM pg_notify('meowmx', '');
+    END IF;
+END;
+$$;
+
+-- Appends a batch to one stream. The public append functions validate their
+-- input and call this (append_event only for the less common cases).
+CREATE FUNCTION meowmx._append(
+    p_category text,
+    p_stream_id text,
+    p_expected_version bigint,
+    p_types text[],
+    p_data jsonb[],
+    p_metadata jsonb[],
+    p_ids uuid[]
+) RETURNS SETOF meowmx.appended
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    current_version bigint;
+    given_ids integer := cardinality(array_remove(p_ids, NULL));
+    retry record;
+BEGIN
+    IF given_ids > 0 THEN
+        -- Under the stream's lock, so that concurrent retries see each other.
+        PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(p_category, p_stream_id));
+        SELECT
+            count(*) AS found,
+            min(e.category || '/' || e.stream_id) FILTER (
+                WHERE e.category <> p_category OR e.stream_id <> p_stream_id
+            ) AS other_stream,
+            -- where the batch would start if this is a retry
+            min(e.version - i.ord) AS base
+        INTO retry
+        FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
+        INNER JOIN meowmx.events AS e ON e.event_id = i.id;
+
+        IF retry.other_stream IS NOT NULL THEN
+            PERFORM meowmx._fail('MX002', 'event id already used in another stream',
+                format('an event id of this append is stored in stream %s', retry.other_stream),
+                'Event ids are unique in the store; give each new event a new id.');
+        ELSIF retry.found > 0 THEN
+            -- A retry of an append that succeeded holds the whole batch at
+            -- consecutive versions, each event with the id it was sent with
+            -- (or none): return what the append returned.
+            IF (
+                SELECT count(*) FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
+                INNER JOIN meowmx.events AS e
+                    ON e.category = p_category AND e.stream_id = p_stream_id
+                    AND e.version = retry.base + i.ord
+                WHERE e.event_id IS NOT DISTINCT FROM i.id
+            ) = cardinality(p_ids) THEN
+                RETURN QUERY
+                SELECT e.version, e.position
+                FROM meowmx.events AS e
+                WHERE e.category = p_category AND e.stream_id = p_stream_id
+                    AND e.version BETWEEN retry.base + 1 AND retry.base + cardinality(p_ids)
+                ORDER BY e.version;
+                RETURN;
+            END IF;
+            PERFORM meowmx._fail('MX003', 'append partly matches events already stored',
+                format('%s of the %s events are already in stream %s/%s',
+                    retry.found, cardinality(p_ids), p_category, p_stream_id),
+                'Resend exactly the events of the earlier append, in the same order, '
+                'or give new events new ids.');
+        END IF;
+    END IF;
+
+    current_version := meowmx._lock_stream(p_category, p_stream_id, p_expected_version);
+
+    IF given_ids = 0 THEN
+        RETURN QUERY
+        WITH inserted AS (
+            INSERT INTO meowmx.events (
+                category, stream_id, version, event_type, data, metadata
+            )
+            SELECT p_category, p_stream_id, current_version + i.ord, i.type, i.data, i.metadata
+            FROM unnest(p_types, p_data, p_metadata) WITH ORDINALITY AS i (type, data, metadata, ord)
+            RETURNING events.version, events.position
+        )
+        SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
+    ELSE
+        -- A concurrent append to another stream may take one of these ids first:
+        -- the row is then skipped and counted below, instead of a unique_violation.
+        RETURN QUERY
+        WITH inserted AS (
+            INSERT INTO meowmx.events (
+                category, stream_id, version, event_type, data, metadata, event_id
+            )
+            SELECT
+                p_category, p_stream_id, current_version + i.ord,
+                i.type, i.data, i.metadata, i.id
+            FROM unnest(p_types, p_data, p_metadata, p_ids)
+                WITH ORDINALITY AS i (type, data, metadata, id, ord)
+            ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING
+            RETURNING events.version, events.position
+        )
+        SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
+        GET DIAGNOSTICS given_ids = ROW_COUNT;
+        IF given_ids <> cardinality(p_types) THEN
+            PERFORM meowmx._fail('MX002', 'event id already used in another stream',
+                'another transaction stored one of these event ids at the same time',
+                'Event ids are unique in the store; give each new event a new id.');
+        END IF;
+    END IF;
+
+    PERFORM meowmx._notify();
+END;
+$$;
+
+CREATE FUNCTION meowmx.append_event(
+    category text,
+    stream_id text,
+    event_type text,
+    data jsonb,
+    expected_version bigint DEFAULT NULL,
+    metadata jsonb DEFAULT NULL,
+    event_id uuid DEFAULT NULL
+) RETURNS meowmx.appended
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result meowmx.appended;
+BEGIN
+    -- One inlined test on the hot path; the checks name the problem when it fails.
+    IF NOT coalesce(
+        meowmx._valid_name(category) AND meowmx._valid_name(stream_id)
+        AND meowmx._valid_name(event_type) AND jsonb_typeof(data) = 'object'
+        AND coalesce(jsonb_typeof(metadata) IN ('object', 'null'), true)
+        AND coalesce(expected_version >= -1, true), false) THEN
+        PERFORM meowmx._check_stream(category, stream_id);
+        PERFORM meowmx._check_event(event_type, data, metadata);
+        PERFORM meowmx._check_expected_version(expected_version);
+    END IF;
+    IF event_id IS NOT NULL THEN
+        SELECT * INTO result FROM meowmx._append(
+            category, stream_id, expected_version,
+            ARRAY[event_type], ARRAY[data], ARRAY[nullif(metadata, 'null')], ARRAY[event_id]);
+        RETURN result;
+    END IF;
+
+    -- The common case, without arrays or a set-returning call (a third of the
+    -- cost of an append). The lock comes first, in its own statement: the
+    -- INSERT assigns the transaction id.
+    result.version := meowmx._lock_stream(category, stream_id, expected_version) + 1;
+    INSERT INTO meowmx.events AS e (category, stream_id, version, event_type, data, metadata)
+    VALUES (
+        append_event.category, append_event.stream_id, result.version,
+        append_event.event_type, append_event.data, nullif(append_event.metadata, 'null')
+    )
+    RETURNING e.position INTO result.position;
+    PERFORM meowmx._notify();
+    RETURN result;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.append_event(text, text, text, jsonb, bigint, jsonb, uuid)
+TO meowmx_writer, meowmx_admin;
+
+CREATE FUNCTION meowmx.append_events(
+    category text,
+    stream_id text,
+    events jsonb,
+    expected_version bigint DEFAULT NULL
+) RETURNS SETOF meowmx.appended
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    batch record;
+BEGIN
+    PERFORM meowmx._check_stream(category, stream_id);
+    IF jsonb_typeof(events) IS DISTINCT FROM 'array' OR jsonb_array_length(events) = 0
+        OR jsonb_array_length(events) > 10000 THEN
+        PERFORM meowmx._fail('MX013', 'events must be a JSON array of 1 to 10000 events',
+            format('events is %s', coalesce(left(events::text, 60), 'NULL')),
+            'Pass [{"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"}, ...];'
+            ' metadata and id are optional.');
+    END IF;
+
+    -- One pass: the arrays to insert, and what is wrong with the first bad element.
+    SELECT
+        min(x.ord) FILTER (WHERE x.problem IS NOT NULL) AS bad_ord,
+        (array_agg(x.problem ORDER BY x.ord) FILTER (WHERE x.problem IS NOT NULL))[1] AS bad,
+        array_agg(x.value ->> 'type' ORDER BY x.ord) AS types,
+        array_agg(x.value -> 'data' ORDER BY x.ord) AS data,
+        array_agg(nullif(x.value -> 'metadata', 'null') ORDER BY x.ord) AS metadata,
+        array_agg(CASE WHEN x.problem IS NULL THEN (x.value ->> 'id')::uuid END
+            ORDER BY x.ord) AS ids,
+        count(DISTINCT CASE WHEN x.problem IS NULL THEN (x.value ->> 'id')::uuid END)
+            AS distinct_ids,
+        count(x.value ->> 'id') AS ids_given
+    INTO batch
+    FROM (
+        SELECT e.value, e.ord, CASE
+            WHEN jsonb_typeof(e.value) <> 'object' THEN 'is not a JSON object'
+            WHEN e.value - '{type,data,metadata,id}'::text[] <> '{}'::jsonb
+                THEN 'has a key other than type, data, metadata and id'
+            WHEN jsonb_typeof(e.value -> 'type') IS DISTINCT FROM 'string'
+                OR NOT meowmx._valid_name(e.value ->> 'type')
+                THEN 'needs "type": a non-empty string of at most 255 characters'
+            WHEN jsonb_typeof(e.value -> 'data') IS DISTINCT FROM 'object'
+                THEN 'needs "data": a JSON object'
+            WHEN jsonb_typeof(e.value -> 'metadata') NOT IN ('object', 'null')
+                THEN 'has "metadata" that is not a JSON object or null'
+            WHEN jsonb_typeof(e.value -> 'id') NOT IN ('string', 'null')
+                OR (jsonb_typeof(e.value -> 'id') = 'string' AND e.value ->> 'id' !~*
+                    '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
+                THEN 'has "id" that is not a UUID string'
+        END AS problem
+        FROM jsonb_array_elements(events) WITH ORDINALITY AS e (value, ord)
+    ) AS x;
+
+    IF batch.bad_ord IS NOT NULL THEN
+        PERFORM meowmx._fail('MX013', 'malformed event in events array',
+            format('event %s %s', batch.bad_ord, batch.bad),
+            'Each event is {"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"};'
+            ' metadata and id are optional.');
+    END IF;
+    IF batch.distinct_ids <> batch.ids_given THEN
+        PERFORM meowmx._fail('MX013', 'duplicate event id in events array',
+            format('%s ids given, %s distinct', batch.ids_given, batch.distinct_ids),
+            'Give each event its own id.');
+    END IF;
+
+    PERFORM meowmx._check_expected_version(expected_version);
+    RETURN QUERY SELECT * FROM meowmx._append(
+        category, stream_id, expected_version,
+        batch.types, batch.data, batch.metadata, batch.ids);
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.append_events(text, text, jsonb, bigint)
+TO meowmx_writer, meowmx_admin;

@@ -1,0 +1,574 @@
+-- Subscriptions with multiple executors.
+--
+-- A subscription is split into partitions by a hash of the stream. Each
+-- partition has a checkpoint (a cursor: everything at or before it is done)
+-- and at most one lease. Workers claim a partition with claim_batch, then ack
+-- or nack what they were given; each call is one short statement, so workers
+-- run behind transaction-mode poolers and hold no transaction open.
+
+CREATE FUNCTION meowmx._subscription(name text) RETURNS meowmx.subscriptions
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result meowmx.subscriptions;
+BEGIN
+    SELECT * INTO result FROM meowmx.subscriptions AS s WHERE s.name = _subscription.name;
+    IF NOT FOUND THEN
+        PERFORM meowmx._fail('MX020', 'subscription not found',
+            format('no subscription is named %s', coalesce(quote_literal(name), 'NULL')),
+            'Create it with meowmx.create_subscription(name => ...).');
+    END IF;
+    RETURN result;
+END;
+$$;
+
+-- Management ----------------------------------------------------------------------------
+
+
+CREATE FUNCTION meowmx.create_subscription(
+    name text,
+    categories text[] DEFAULT NULL,
+    event_types text[] DEFAULT NULL,
+    partitions integer DEFAULT 1,
+    start_at text DEFAULT 'beginning',
+    max_attempts integer DEFAULT 10
+) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    wanted meowmx.subscriptions;
+    existing meowmx.subscriptions;
+    start record;
+BEGIN
+    PERFORM meowmx._check_name('name', name, 'MX024');
+    PERFORM meowmx._check_filter('categories', categories);
+    PERFORM meowmx._check_filter('event_types', event_types);
+    IF partitions IS NULL OR partitions < 1 OR partitions > 1024 THEN
+        PERFORM meowmx._fail('MX024', 'partitions out of range',
+            format('partitions is %s', coalesce(partitions::text, 'NULL')),
+            'Pass from 1 to 1024 partitions: about as many as the workers you will run.');
+    END IF;
+    IF max_attempts IS NULL OR max_attempts < 1 OR max_attempts > 1000 THEN
+        PERFORM meowmx._fail('MX024', 'max_attempts out of range',
+            format('max_attempts is %s', coalesce(max_attempts::text, 'NULL')),
+            'Pass from 1 to 1000 attempts before an event is parked.');
+    END IF;
+    start := meowmx._start_checkpoint(coalesce(start_at, ''));
+
+    -- Filters are sets: store them sorted and without duplicates.
+    wanted := ROW(
+        name,
+        (SELECT array_agg(DISTINCT c ORDER BY c) FROM unnest(categories) AS c),
+        (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(event_types) AS t),
+        partitions, start_at, max_attempts, now()
+    );
+
+    PERFORM pg_advisory_xact_lock(hashtextextended('meowmx/subscription/' || name, 0));
+    SELECT * INTO existing FROM meowmx.subscriptions AS s WHERE s.name = wanted.name;
+    IF FOUND THEN
+        IF (existing.categories, existing.event_types, existing.partitions,
+            existing.start_at, existing.max_attempts)
+            IS DISTINCT FROM (wanted.categories, wanted.event_types, wanted.partitions,
+                wanted.start_at, wanted.max_attempts) THEN
+            PERFORM meowmx._fail('MX021', 'subscription exists with another definition',
+                format('%s is defined as categories %s, event_types %s, partitions %s, '
+                    'start_at %s, max_attempts %s', name,
+                    coalesce(existing.categories::text, 'NULL'),
+                    coalesce(existing.event_types::text, 'NULL'), existing.partitions,
+                    existing.start_at, existing.max_attempts),
+                'Use another name, or drop the subscription first.');
+        END IF;
+        RETURN false;
+    END IF;
+
+    INSERT INTO meowmx.subscriptions SELECT wanted.*;
+    INSERT INTO meowmx.subscription_partitions (
+        subscription, partition, checkpoint_xid, checkpoint_position
+    )
+    SELECT wanted.name, p, start.xid, start.pos
+    FROM generate_series(0, wanted.partitions - 1) AS p;
+    RETURN true;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.create_subscription(text, text[], text[], integer, text, integer)
+TO meowmx_worker, meowmx_admin;
+
+CREATE FUNCTION meowmx.drop_subscription(name text) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM meowmx.subscriptions AS s WHERE s.name = drop_subscription.name;
+    RETURN FOUND;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.drop_subscription(text)
+TO meowmx_admin;
+
+-- Moves every partition to 'beginning', 'end' or a cursor. Leases and batches
+-- are dropped, so in-flight acks are rejected and workers claim again.
+CREATE FUNCTION meowmx.reset_subscription(name text, start_at text DEFAULT 'beginning')
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(name);
+    start record := meowmx._start_checkpoint(coalesce(start_at, ''));
+BEGIN
+    UPDATE meowmx.subscription_partitions AS p SET
+        checkpoint_xid = start.xid, checkpoint_position = start.pos,
+        batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
+        lease_owner = NULL, lease_expires_at = NULL, lease_duration = NULL,
+        failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL
+    WHERE p.subscription = sub.name;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.reset_subscription(text, text)
+TO meowmx_admin;
+
+-- Work ----------------------------------------------------------------------------------
+
+
+CREATE FUNCTION meowmx.claim_batch(
+    subscription text,
+    worker text,
+    max_count integer DEFAULT 100,
+    lease interval DEFAULT '30 seconds'
+) RETURNS SETOF meowmx.claimed_event
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(subscription);
+    at timestamptz := clock_timestamp();
+    candidate record;
+    part meowmx.subscription_partitions;
+    ev meowmx.recorded_event;
+    -- The last event scanned, of any partition: where the batch ends.
+    last_xid xid8;
+    last_position bigint;
+    scanned integer;
+    returned integer;
+    last_returned bigint;
+    scan_size integer;
+BEGIN
+    PERFORM meowmx._check_name('worker', worker, 'MX024');
+    PERFORM meowmx._check_max_count(max_count);
+    -- Scan enough to find about max_count events of one partition.
+    scan_size := least(10000, max_count * sub.partitions);
+    IF lease IS NULL OR lease <= '0' OR lease > '1 day' THEN
+        PERFORM meowmx._fail('MX024', 'lease out of range',
+            format('lease is %s', coalesce(lease::text, 'NULL')),
+            'Pass a lease longer than 0 and at most 1 day.');
+    END IF;
+
+    -- The worker's own partitions first, then free or expired ones in random
+    -- order, so workers spread out instead of queueing on one partition.
+    FOR candidate IN
+        SELECT p.partition, p.checkpoint_xid, p.checkpoint_position
+        FROM meowmx.subscription_partitions AS p
+        WHERE p.subscription = sub.name
+            AND (p.lease_owner IS NULL OR p.lease_owner = worker OR p.lease_expires_at < at)
+            AND (p.retry_at IS NULL OR p.retry_at <= at)
+        ORDER BY p.lease_owner IS NOT DISTINCT FROM worker DESC, random()
+    LOOP
+        -- Skip a partition that another claimer is looking at right now.
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(
+            hashtextextended('meowmx/partition/' || sub.name || '/' || candidate.partition, 0));
+        -- Nothing after the checkpoint: move on without locking the row, so an
+        -- idle claim writes nothing (no transaction id, no WAL flush).
+        CONTINUE WHEN NOT EXISTS (
+            SELECT FROM meowmx.read_events(
+                after => meowmx._cursor(candidate.checkpoint_xid, candidate.checkpoint_position),
+                max_count => 1, categories => sub.categories, event_types => sub.event_types));
+        -- Read it again under the lock: a claim may have committed since.
+        SELECT * INTO part FROM meowmx.subscription_partitions AS p
+        WHERE p.subscription = sub.name AND p.partition = candidate.partition
+            AND (p.lease_owner IS NULL OR p.lease_owner = worker OR p.lease_expires_at < at)
+            AND (p.retry_at IS NULL OR p.retry_at <= at)
+        FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;
+
+        LOOP
+            scanned := 0;
+            returned := 0;
+            FOR ev IN
+                SELECT * FROM meowmx.read_events(
+                    after => meowmx._cursor(part.checkpoint_xid, part.checkpoint_position),
+                    max_count => scan_size,
+                    categories => sub.categories,
+                    event_types => sub.event_types)
+            LOOP
+                scanned := scanned + 1;
+                last_xid := ev.transaction_id;
+                last_position := ev.position;
+                IF sub.partitions = 1
+                    OR meowmx._partition_of(ev.category, ev.stream_id, sub.partitions)
+                    = part.partition THEN
+                    RETURN NEXT ROW(part.partition, ev.*)::meowmx.claimed_event;
+                    returned := returned + 1;
+                    last_returned := ev.position;
+                    EXIT WHEN returned = max_count;
+                END IF;
+            END LOOP;
+            EXIT WHEN scanned = 0;
+
+            IF returned > 0 THEN
+                UPDATE meowmx.subscription_partitions AS p SET
+                    batch_end_xid = last_xid,
+                    batch_end_position = last_position,
+                    batch_last_position = last_returned,
+                    lease_owner = worker,
+                    lease_expires_at = at + lease,
+                    lease_duration = lease
+                WHERE p.subscription = sub.name AND p.partition = part.partition;
+                RETURN;
+            END IF;
+
+            -- The scan held none of this partition's events: move past them for
+            -- good, so an idle partition does not scan them again.
+            part.checkpoint_xid := last_xid;
+            part.checkpoint_position := last_position;
+            UPDATE meowmx.subscription_partitions AS p SET
+                checkpoint_xid = part.checkpoint_xid,
+                checkpoint_position = part.checkpoint_position,
+                batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL
+            WHERE p.subscription = sub.name AND p.partition = part.partition;
+            EXIT WHEN scanned < scan_size;
+        END LOOP;
+    END LOOP;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.claim_batch(text, text, integer, interval)
+TO meowmx_worker, meowmx_admin;
+
+-- The partition row (locked) and the event that an ack or nack names, after
+-- checking that the worker still holds the lease (fencing) and that the event
+-- is in the batch it was given.
+CREATE FUNCTION meowmx._batch_event(
+    sub meowmx.subscriptions, worker text, partition integer, event_position bigint,
+    OUT part meowmx.subscription_partitions, OUT event meowmx.events
+)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM meowmx._check_name('worker', worker, 'MX024');
+    SELECT * INTO part FROM meowmx.subscription_partitions AS p
+    WHERE p.subscription = sub.name AND p.partition = _batch_event.partition
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM meowmx._fail('MX024', 'no such partition',
+            format('subscription %s has partitions 0 to %s; got %s',
+                sub.name, sub.partitions - 1, coalesce(partition::text, 'NULL')),
+            'Pass the partition column of the claimed row.');
+    END IF;
+    IF part.lease_owner IS DISTINCT FROM worker THEN
+        PERFORM meowmx._fail('MX022', 'lease lost',
+            format('partition %s of %s is leased by %s, not %s', partition, sub.name,
+                coalesce(quote_literal(part.lease_owner), 'nobody'), quote_literal(worker)),
+            'Another worker took the partition over after the lease expired, or it was '
+            'released or reset; drop the batch and claim again.');
+    END IF;
+
+    SELECT * INTO event FROM meowmx.events AS e WHERE e.position = event_position;
+    IF part.batch_end_xid IS NULL
+        OR NOT FOUND
+        OR (event.transaction_id, event.position)
+        <= (part.checkpoint_xid, part.checkpoint_position)
+        OR (event.transaction_id, event.position)
+        > (part.batch_end_xid, part.batch_end_position)
+        OR meowmx._partition_of(event.category, event.stream_id, sub.partitions)
+        <> part.partition
+        OR NOT coalesce(event.category = ANY(sub.categories), true)
+        OR NOT coalesce(event.event_type = ANY(sub.event_types), true) THEN
+        PERFORM meowmx._fail('MX023', 'event is not in the current batch',
+            format('event %s is not among the unacknowledged events of partition %s of %s',
+                coalesce(event_position::text, 'NULL'), partition, sub.name),
+            'Ack or nack only positions from your latest claim_batch, each once, in order.');
+    END IF;
+END;
+$$;
+
+-- Marks the event at event_position, and everything before it in the batch,
+-- as handled. Acks also renew the lease, so they double as heartbeats.
+CREATE FUNCTION meowmx.ack(
+    subscription text, worker text, partition integer, event_position bigint
+) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(subscription);
+    target record := meowmx._batch_event(sub, worker, partition, event_position);
+    batch_done boolean := event_position = (target.part).batch_last_position;
+BEGIN
+    UPDATE meowmx.subscription_partitions AS p SET
+        checkpoint_xid = CASE WHEN batch_done THEN p.batch_end_xid
+            ELSE (target.event).transaction_id END,
+        checkpoint_position = CASE WHEN batch_done THEN p.batch_end_position
+            ELSE (target.event).position END,
+        batch_end_xid = CASE WHEN batch_done THEN NULL ELSE p.batch_end_xid END,
+        batch_end_position = CASE WHEN batch_done THEN NULL ELSE p.batch_end_position END,
+        batch_last_position = CASE WHEN batch_done THEN NULL ELSE p.batch_last_position END,
+        failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL,
+        lease_expires_at = clock_timestamp() + p.lease_duration
+    WHERE p.subscription = sub.name AND p.partition = ack.partition;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.ack(text, text, integer, bigint)
+TO meowmx_worker, meowmx_admin;
+
+-- Records a failure of the event at event_position; the events before it in
+-- the batch count as handled. The event comes back after retry_after, and the
+-- partition waits for it (order is kept) with the worker keeping the lease.
+-- After max_attempts the event is parked and the partition moves past it.
+-- Returns true when the event was parked.
+CREATE FUNCTION meowmx.nack(
+    subscription text,
+    worker text,
+    partition integer,
+    event_position bigint,
+    error text,
+    retry_after interval DEFAULT '0'
+) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(subscription);
+    target record := meowmx._batch_event(sub, worker, partition, event_position);
+    failed meowmx.events := target.event;
+    attempt integer := CASE WHEN (target.part).failing_position = event_position
+        THEN (target.part).attempts + 1 ELSE 1 END;
+    at timestamptz := clock_timestamp();
+BEGIN
+    IF retry_after IS NULL OR retry_after < '0' OR retry_after > '1 day' THEN
+        PERFORM meowmx._fail('MX024', 'retry_after out of range',
+            format('retry_after is %s', coalesce(retry_after::text, 'NULL')),
+            'Pass an interval from 0 to 1 day.');
+    END IF;
+
+    IF attempt >= sub.max_attempts THEN
+        -- An event parked before a reset or requeue may be parked again.
+        INSERT INTO meowmx.parked_events AS d (subscription, partition, position, attempts, error)
+        VALUES (sub.name, nack.partition, failed.position, attempt, left(error, 10000))
+        ON CONFLICT ON CONSTRAINT parked_events_pkey DO UPDATE
+        SET attempts = excluded.attempts, error = excluded.error, parked_at = now();
+        UPDATE meowmx.subscription_partitions AS p SET
+            checkpoint_xid = failed.transaction_id, checkpoint_position = failed.position,
+            batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
+            failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL,
+            lease_expires_at = at + p.lease_duration
+        WHERE p.subscription = sub.name AND p.partition = nack.partition;
+        RETURN true;
+    END IF;
+
+    -- The checkpoint stops just before the failed event, so it comes back first.
+    UPDATE meowmx.subscription_partitions AS p SET
+        checkpoint_xid = failed.transaction_id, checkpoint_position = failed.position - 1,
+        batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
+        failing_position = failed.position, attempts = attempt, last_error = left(error, 10000),
+        retry_at = at + retry_after,
+        lease_expires_at = at + retry_after + p.lease_duration
+    WHERE p.subscription = sub.name AND p.partition = nack.partition;
+    RETURN false;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.nack(text, text, integer, bigint, text, interval)
+TO meowmx_worker, meowmx_admin;
+
+-- Gives up the worker's leases (clean shutdown). Unacknowledged events of its
+-- batches go to the next claimer. Returns how many partitions were released.
+CREATE FUNCTION meowmx.release(subscription text, worker text) RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(subscription);
+    released integer;
+BEGIN
+    PERFORM meowmx._check_name('worker', worker, 'MX024');
+    UPDATE meowmx.subscription_partitions AS p SET
+        lease_owner = NULL, lease_expires_at = NULL, lease_duration = NULL,
+        batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL
+    WHERE p.subscription = sub.name AND p.lease_owner = worker;
+    GET DIAGNOSTICS released = ROW_COUNT;
+    RETURN released;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.release(text, text)
+TO meowmx_worker, meowmx_admin;
+
+-- Observation ---------------------------------------------------------------------------
+
+
+-- One row per partition. events_behind counts matching events of the partition
+-- after its checkpoint, committed or not yet visible below the horizon.
+CREATE FUNCTION meowmx.subscription_status(name text DEFAULT NULL)
+RETURNS TABLE (
+    subscription text,
+    partition integer,
+    checkpoint text,
+    events_behind bigint,
+    lease_owner text,
+    lease_expires_at timestamptz,
+    attempts integer,
+    last_error text,
+    retry_at timestamptz,
+    parked bigint
+)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF name IS NOT NULL THEN
+        PERFORM meowmx._subscription(name);
+    END IF;
+    RETURN QUERY
+    SELECT
+        s.name, p.partition,
+        meowmx._cursor(p.checkpoint_xid, p.checkpoint_position),
+        (
+            SELECT count(*) FROM meowmx.events AS e
+            WHERE (e.transaction_id, e.position) > (p.checkpoint_xid, p.checkpoint_position)
+                AND coalesce(e.category = ANY(s.categories), true)
+                AND coalesce(e.event_type = ANY(s.event_types), true)
+                AND (s.partitions = 1
+                    OR meowmx._partition_of(e.category, e.stream_id, s.partitions) = p.partition)
+        ),
+        p.lease_owner, p.lease_expires_at, p.attempts, p.last_error, p.retry_at,
+        (
+            SELECT count(*) FROM meowmx.parked_events AS d
+            WHERE d.subscription = s.name AND d.partition = p.partition
+        )
+    FROM meowmx.subscriptions AS s
+    INNER JOIN meowmx.subscription_partitions AS p ON p.subscription = s.name
+    WHERE subscription_status.name IS NULL OR s.name = subscription_status.name
+    ORDER BY s.name, p.partition;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.subscription_status(text)
+TO meowmx_worker, meowmx_admin;
+
+CREATE FUNCTION meowmx.list_parked(subscription text, max_count integer DEFAULT 100)
+RETURNS SETOF meowmx.parked_event
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(subscription);
+BEGIN
+    PERFORM meowmx._check_max_count(max_count);
+    RETURN QUERY
+    SELECT d.partition, d.position, e.category, e.stream_id, e.version, e.event_type,
+        d.attempts, d.error, d.parked_at
+    FROM meowmx.parked_events AS d
+    INNER JOIN meowmx.events AS e ON e.position = d.position
+    WHERE d.subscription = sub.name
+    ORDER BY d.position
+    LIMIT max_count;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.list_parked(text, integer)
+TO meowmx_worker, meowmx_admin;
+
+-- Delivers a parked event again by moving its partition back to just before
+-- it: the partition's later events are delivered again too (at-least-once,
+-- order kept), and their parked rows are removed, since they come back.
+CREATE FUNCTION meowmx.requeue_parked(subscription text, event_position bigint)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(subscription);
+    parked meowmx.parked_events;
+    event meowmx.events;
+    removed integer;
+BEGIN
+    SELECT * INTO parked FROM meowmx.parked_events AS d
+    WHERE d.subscription = sub.name AND d.position = event_position;
+    IF NOT FOUND THEN
+        PERFORM meowmx._fail('MX025', 'event is not parked',
+            format('subscription %s has no parked event at position %s',
+                sub.name, coalesce(event_position::text, 'NULL')),
+            'List parked events with meowmx.list_parked(subscription => ...).');
+    END IF;
+    SELECT * INTO event FROM meowmx.events AS e WHERE e.position = event_position;
+
+    UPDATE meowmx.subscription_partitions AS p SET
+        checkpoint_xid = event.transaction_id, checkpoint_position = event.position - 1,
+        batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
+        failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL
+    WHERE p.subscription = sub.name AND p.partition = parked.partition
+        AND (p.checkpoint_xid, p.checkpoint_position) >= (event.transaction_id, event.position);
+
+    DELETE FROM meowmx.parked_events AS d
+    USING meowmx.events AS e
+    WHERE d.subscription = sub.name AND d.partition = parked.partition
+        AND e.position = d.position
+        AND (e.transaction_id, e.position) >= (event.transaction_id, event.position);
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    RETURN removed;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.requeue_parked(text, bigint)
+TO meowmx_admin;
+
+-- The transactions that hold the read horizon back, oldest first: readers and
+-- subscriptions deliver nothing at or after the oldest one's transaction id
+-- until it ends. Query text needs pg_read_all_stats (or the same role) to show.
+CREATE FUNCTION meowmx.horizon_blockers()
+RETURNS TABLE (
+    pid integer,
+    database text,
+    username text,
+    application_name text,
+    state text,
+    transaction_id xid8,
+    transaction_age interval,
+    query text
+)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- pg_stat_activity and pg_prepared_xacts show 32-bit ids: widen them to
+    -- xid8 by their signed distance from the snapshot's xmax (running ids are
+    -- less than 2^31 from it, on either side).
+    WITH running AS (
+        SELECT a.pid, a.datname::text AS database, a.usename::text AS username,
+            a.application_name, a.state, a.backend_xid AS xid, a.xact_start AS since,
+            a.query
+        FROM pg_stat_activity AS a
+        WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
+        UNION ALL
+        SELECT NULL, x.database::text, x.owner::text, NULL, 'prepared', x.transaction,
+            x.prepared, 'PREPARE TRANSACTION ' || quote_literal(x.gid)
+        FROM pg_prepared_xacts AS x
+    ),
+    snapshot AS (
+        SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax
+    )
+    SELECT r.pid, r.database, r.username, r.application_name, r.state,
+        (s.xmax + mod(r.xid::text::numeric - mod(s.xmax, 4294967296) + 6442450944,
+            4294967296) - 2147483648)::text::xid8,
+        now() - r.since, r.query
+    FROM running AS r CROSS JOIN snapshot AS s
+    ORDER BY 6
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.horizon_blockers()
+TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;

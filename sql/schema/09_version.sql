@@ -1,0 +1,5 @@
+-- The upgrades this definition includes: an upgraded database records the same rows.
+INSERT INTO meowmx.migrations (version, name) VALUES
+(1, 'core'),
+(2, 'subscriptions'),
+(3, 'roles_and_streams');
