@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 import meowmx
-from meowmx import Client, cli
+from meowmx import Client, cli, output
 from support import EVENT_COLUMNS
 
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
@@ -397,17 +397,17 @@ def test_horizon_names_the_blocking_transaction(
 
 def test_table_layout() -> None:
     out = FakeTTY()
-    cli.table(out, ["a", "long header"], [[1, None], ["wide value", "x\ty"]], empty="none")
+    output.table(out, ["a", "long header"], [[1, None], ["wide value", "x\ty"]], empty="none")
     assert out.getvalue().splitlines() == [
         "a           long header",
         "1           -",
         "wide value  x y",
     ]
     out = FakeTTY()
-    cli.table(out, ["a"], [], empty="nothing here")
+    output.table(out, ["a"], [], empty="nothing here")
     assert out.getvalue() == "nothing here\n"
     piped = io.StringIO()
-    cli.table(piped, ["a", "b"], [[1, None]], empty="none")
+    output.table(piped, ["a", "b"], [[1, None]], empty="none")
     assert piped.getvalue() == "a\tb\n1\t\n"
 
 
@@ -533,6 +533,21 @@ def test_console_script(dsn: str) -> None:
     finally:
         tail.kill()
         tail.wait()
+
+
+def test_python_dash_m_meowmx_runs_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "meowmx", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("meowmx ") and "schema version" in done.stdout
+
+
+def test_demo_does_not_import_the_cli() -> None:
+    # The CLI imports the demo; the reverse would make a cycle.
+    code = "import sys, meowmx.demo; assert 'meowmx.cli' not in sys.modules, 'cycle'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_subscription_status_as_json(dsn: str, capsys: Capsys) -> None:

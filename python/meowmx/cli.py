@@ -24,14 +24,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from types import FrameType
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from meowmx import demo
 from meowmx.client import Client, RecordedEvent
 from meowmx.errors import MeowmxError
 from meowmx.install import applied_versions, install, latest_version, migrations, script
+from meowmx.output import event_json, is_tty, json_lines, table
 
 PROG = "meowmx"
 CONNECT_TIMEOUT = 10  # seconds, unless the DSN or PGCONNECT_TIMEOUT says otherwise
@@ -427,105 +429,6 @@ def redact(dsn: str) -> str:
     return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
-# Output ---------------------------------------------------------------------------------
-
-
-def is_tty(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def event_json(event: RecordedEvent) -> str:
-    """One event as a JSON line."""
-    return json.dumps(
-        {
-            "position": event.position,
-            "transaction_id": event.transaction_id,
-            "category": event.category,
-            "stream_id": event.stream_id,
-            "version": event.version,
-            "event_type": event.event_type,
-            "data": event.data,
-            "metadata": event.metadata,
-            "event_id": None if event.event_id is None else str(event.event_id),
-            "recorded_at": event.recorded_at.isoformat(),
-            "cursor": event.cursor,
-        },
-        ensure_ascii=False,
-        default=str,
-    )
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime.datetime):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return value
-
-
-def _json_lines(out: IO[str], objects: Iterable[Any]) -> None:
-    for obj in objects:
-        row = {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
-        print(json.dumps(row, ensure_ascii=False, default=str), file=out)
-
-
-def table(
-    out: IO[str],
-    headers: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-    *,
-    empty: str,
-    tty: bool | None = None,
-) -> None:
-    """Aligned columns on a terminal (or `empty` when there are no rows); tab-separated
-    values with a header line when piped."""
-    tty = is_tty(out) if tty is None else tty
-    if not tty:
-        print("\t".join(headers), file=out)
-        for row in rows:
-            cells = ("" if v is None else re.sub(r"\s+", " ", str(_plain(v))) for v in row)
-            print("\t".join(cells), file=out)
-        return
-    if not rows:
-        print(empty, file=out)
-        return
-    shown = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in shown)) for i, h in enumerate(headers)]
-    for line in [list(headers), *shown]:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=out)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime.datetime):
-        return _relative(value)
-    if isinstance(value, datetime.timedelta):
-        return duration(value.total_seconds())
-    text = re.sub(r"\s+", " ", str(value))
-    return text if len(text) <= 60 else text[:59] + "…"
-
-
-def _relative(at: datetime.datetime) -> str:
-    seconds = (at - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-    return f"in {duration(seconds)}" if seconds >= 0 else f"{duration(-seconds)} ago"
-
-
-def duration(seconds: float) -> str:
-    """12.3s, 4m05s, 2h03m."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
 # Commands -------------------------------------------------------------------------------
 
 
@@ -767,7 +670,7 @@ def _subscriptions(args: argparse.Namespace) -> int:
     with _database(args) as (_, conn):
         status = Client(conn).subscription_status(args.name)
     if args.json:
-        _json_lines(sys.stdout, status)
+        json_lines(sys.stdout, status)
         return 0
     headers = [
         "subscription",
@@ -810,7 +713,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
             return 0
         parked = client.list_parked(args.name, max_count=args.limit)
     if args.json:
-        _json_lines(sys.stdout, parked)
+        json_lines(sys.stdout, parked)
         return 0
     headers = ["position", "partition", "stream", "version", "type", "attempts", "error", "parked"]
     rows = [
@@ -834,7 +737,7 @@ def _horizon(args: argparse.Namespace) -> int:
     with _database(args) as (_, conn):
         blockers = Client(conn).horizon_blockers()
     if args.json:
-        _json_lines(sys.stdout, blockers)
+        json_lines(sys.stdout, blockers)
         return 0
     headers = ["pid", "state", "age", "transaction", "user", "database", "application", "query"]
     rows = [
@@ -855,8 +758,6 @@ def _horizon(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from meowmx import demo
-
     target = resolve(args, required=False)
     if target is not None:
         target.connect().close()  # a clear error now rather than from a thread later

@@ -29,6 +29,7 @@ import psycopg
 from meowmx.client import ClaimedEvent, Client, Conn, RecordedEvent
 from meowmx.errors import MeowmxError, WrongExpectedVersion
 from meowmx.install import install
+from meowmx.output import is_tty
 from meowmx.worker import TransactionalHandler, Worker
 
 CATEGORY = "order"
@@ -251,7 +252,7 @@ class Console:
 
     def __init__(self, out: IO[str]):
         self.out = out
-        self.tty = _is_tty(out)
+        self.tty = is_tty(out)
         self.interval = 0.2 if self.tty else 1.0
         self._live = False
 
@@ -272,13 +273,6 @@ class Console:
         if self._live:
             self.out.write("\n")
             self._live = False
-
-
-def _is_tty(out: IO[str]) -> bool:
-    try:
-        return out.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 @contextmanager
@@ -519,11 +513,3 @@ def summarize(
         verdict = "FAIL: " + "; ".join(reasons)
     console.say(f"  {'consistency check':<18} {verdict}")
     return passed
-
-
-if __name__ == "__main__":
-    import sys
-
-    from meowmx.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -1,9 +1,11 @@
 """Benchmarks: each meowmx workload next to a raw baseline of the same row shape.
 
-    python -m meowmx.bench              # quick run (about two minutes)
-    python -m meowmx.bench --smoke      # every workload, tiny (CI: it only has to run)
-    python -m meowmx.bench --full       # longer rounds, 10M-row table
-    python -m meowmx.bench --dsn postgresql://postgres@127.0.0.1:5432/postgres
+    python benchmarks/bench.py              # quick run (about two minutes); make bench
+    python benchmarks/bench.py --smoke      # every workload, tiny (CI: it only has to run)
+    python benchmarks/bench.py --full       # longer rounds, 10M-row table
+    python benchmarks/bench.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
+
+It imports the installed meowmx, like any user (``make setup`` puts an editable one in .venv).
 
 The server is ``--dsn`` (or ``MEOWMX_DSN``), else a throwaway embedded PostgreSQL 18. The
 benchmark works in scratch databases of its own (``meowmx_bench_<hex>``), created there and
@@ -1071,7 +1073,7 @@ def header(info: dict[str, Any], s: Settings) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(
-        prog="python -m meowmx.bench",
+        prog="python benchmarks/bench.py",
         description="meowmx workloads next to raw PostgreSQL baselines, interleaved rounds.",
     )
     parser.add_argument(
