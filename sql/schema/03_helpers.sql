@@ -155,22 +155,15 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF start_at = 'beginning' THEN
-        xid := '0';
-        pos := 0;
-    ELSIF start_at = 'end' THEN
-        -- Everything below the horizon is past; every transaction still
-        -- running (or newer) will be delivered.
-        xid := pg_snapshot_xmin(pg_current_snapshot());
-        pos := 0;
-    ELSE
-        SELECT c.xid, c.pos INTO xid, pos FROM meowmx._parse_cursor(start_at) AS c;
-    END IF;
+    SELECT c.xid, c.pos INTO xid, pos FROM meowmx._parse_cursor(CASE start_at
+        WHEN 'beginning' THEN '0:0'
+        WHEN 'end' THEN meowmx.end_cursor()
+        ELSE start_at
+    END) AS c;
 END;
 $$;
 
 -- Locks and partitions ------------------------------------------------------------------
-
 
 -- The advisory lock key of a stream: appenders (and deletes) of one stream take
 -- it until they commit. SQL-standard body: bound when created, inlined.

@@ -124,6 +124,17 @@ $$;
 GRANT EXECUTE ON FUNCTION meowmx.read_events(text, integer, text[], text[])
 TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
 
+-- A cursor after every event readable now: reading after it returns only events
+-- that commit later (every transaction still running, or newer, comes after it).
+-- It is where start_at => 'end' starts, and where `meowmx tail --from-end` follows.
+CREATE FUNCTION meowmx.end_cursor() RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+RETURN meowmx._cursor(pg_snapshot_xmin(pg_current_snapshot()), 0);
+GRANT EXECUTE ON FUNCTION meowmx.end_cursor()
+TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+
 CREATE FUNCTION meowmx.version() RETURNS integer
 LANGUAGE sql STABLE
 SECURITY DEFINER
