@@ -1,5 +1,5 @@
 -- meowmx from psql alone: psql -X -v ON_ERROR_STOP=1 -f examples/psql_walkthrough.sql "$DSN"
--- (after installing meowmx: meowmx install, or meowmx sql | psql -1 -f - "$DSN").
+-- (after installing meowmx: meowmx install, or meowmx sql | psql -v ON_ERROR_STOP=1 -1 -f - "$DSN").
 
 \set SHOW_CONTEXT never
 

@@ -91,8 +91,10 @@ def test_sql_output_applies_with_psql(
     capsys: Capsys,
 ) -> None:
     latest = meowmx.latest_version()
-    code, whole, _ = run(capsys, "sql")  # no database needed
-    assert code == 0
+    code, whole, _ = run(capsys, "sql")  # no database needed: the current schema
+    assert code == 0 and whole == meowmx.script() and "-- schema/01_schema.sql" in whole
+    _, chain, _ = run(capsys, "sql", "--from", "0")  # every upgrade, for other stacks
+    assert "-- upgrades/0001_core.sql" in chain and "-- schema/" not in chain
     target = extra_db()
     psql(whole, target, args=["-1", "-f", "-"])
     assert psql("SELECT meowmx.version()", target).stdout.strip() == str(latest)

@@ -33,6 +33,7 @@ READ = {
     "version",
     "list_streams",
     "load_snapshot",
+    "end_cursor",
     "horizon_blockers",
 }
 WRITE = {"append_event", "append_events", "save_snapshot"}

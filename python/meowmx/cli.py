@@ -224,16 +224,18 @@ def _parser() -> _Parser:
         "sql",
         _sql,
         "print the install script for other stacks (needs no database)",
-        description="Print the migrations as one SQL script, for psql (meowmx sql | psql -1 "
-        "-f - DSN) or another stack's migrations. Run it in one transaction.",
+        description="Print the SQL for psql (meowmx sql | psql -v ON_ERROR_STOP=1 -1 -f - DSN) "
+        "or another stack's migrations: without --from, the current schema for an empty "
+        "database; with --from N, the frozen upgrades after version N. Run it in one "
+        "transaction.",
     )
     p.add_argument(
         "--from",
         dest="after",
         type=_natural,
-        default=0,
+        default=None,
         metavar="N",
-        help="print only what follows schema version N (default 0: everything)",
+        help="print the upgrades that follow schema version N (0: all of them, from 1)",
     )
     p.add_argument(
         "--to",
@@ -467,11 +469,12 @@ def _install_status(conn: psycopg.Connection[Any]) -> int:
 def _sql(args: argparse.Namespace) -> int:
     latest = latest_version()
     upto = latest if args.upto is None else args.upto
-    if upto > latest or args.after > latest:
+    after = 0 if args.after is None else args.after
+    if upto > latest or after > latest:
         raise CliError(f"this package ships schema versions 1 to {latest}", 2)
-    if args.after > upto:
-        raise CliError(f"--from {args.after} is past --to {upto}", 2)
-    if args.after == upto:  # a valid, empty script
+    if after > upto:
+        raise CliError(f"--from {after} is past --to {upto}", 2)
+    if after == upto:  # a valid, empty script
         sys.stdout.write(f"-- meowmx schema: nothing to apply after version {upto}\n")
     else:
         sys.stdout.write(script(after=args.after, upto=upto))

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 
 
 class MeowmxError(Exception):
-    """Base class of every meowmx error. Keeps the server's SQLSTATE, DETAIL and HINT."""
+    """Base class of every meowmx error. Keeps the server's SQLSTATE, DETAIL and HINT,
+    and `facts`: the values the DETAIL names, as the server sent them (a dict)."""
 
     sqlstate: str | None = None
 
-    def __init__(self, message: str, detail: str | None = None, hint: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        detail: str | None = None,
+        hint: str | None = None,
+        facts: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.detail = detail or None
         self.hint = hint or None
+        self.facts = facts or {}
 
     def __str__(self) -> str:
         parts = [self.message]
@@ -36,16 +45,13 @@ class WrongExpectedVersion(MeowmxError):
 
     @property
     def expected(self) -> int | None:
-        return self._versions()[0]
+        expected: int | None = self.facts.get("expected_version")
+        return expected
 
     @property
     def actual(self) -> int | None:
-        return self._versions()[1]
-
-    def _versions(self) -> tuple[int | None, int | None]:
-        # The DETAIL ends with the versions; the stream id before them may be any text.
-        found = re.search(r"expected version (-?\d+), actual version (\d+)$", self.detail or "")
-        return (int(found[1]), int(found[2])) if found else (None, None)
+        actual: int | None = self.facts.get("actual_version")
+        return actual
 
 
 class EventIdConflict(MeowmxError):
@@ -97,11 +103,19 @@ class InvalidExpectedVersion(MeowmxError):
 
 
 class InvalidStreamRead(MeowmxError):
+    """read_stream's from_version is below 1, or backwards is NULL."""
+
     sqlstate = "MX017"
 
 
 class InvalidFilter(MeowmxError):
     sqlstate = "MX018"
+
+
+class InvalidBeforeVersion(MeowmxError):
+    """delete_stream's before_version is below 1."""
+
+    sqlstate = "MX019"
 
 
 class SubscriptionNotFound(MeowmxError):
@@ -126,12 +140,46 @@ class NotInBatch(MeowmxError):
     sqlstate = "MX023"
 
 
+class NotParked(MeowmxError):
+    sqlstate = "MX025"
+
+
 class InvalidSubscriptionArgument(MeowmxError):
+    """Base of the errors for a bad argument of a subscription call (one SQLSTATE each)."""
+
+
+class InvalidSubscriptionName(InvalidSubscriptionArgument):
     sqlstate = "MX024"
 
 
-class NotParked(MeowmxError):
-    sqlstate = "MX025"
+class InvalidPartitions(InvalidSubscriptionArgument):
+    sqlstate = "MX026"
+
+
+class InvalidMaxAttempts(InvalidSubscriptionArgument):
+    sqlstate = "MX027"
+
+
+class InvalidStartAt(InvalidSubscriptionArgument):
+    """start_at is not 'beginning', 'end' or a cursor."""
+
+    sqlstate = "MX028"
+
+
+class InvalidWorkerName(InvalidSubscriptionArgument):
+    sqlstate = "MX040"
+
+
+class InvalidLease(InvalidSubscriptionArgument):
+    sqlstate = "MX041"
+
+
+class UnknownPartition(InvalidSubscriptionArgument):
+    sqlstate = "MX042"
+
+
+class InvalidRetryAfter(InvalidSubscriptionArgument):
+    sqlstate = "MX043"
 
 
 class InvalidSnapshot(MeowmxError):
@@ -140,17 +188,39 @@ class InvalidSnapshot(MeowmxError):
     sqlstate = "MX030"
 
 
+class InvalidSnapshotMaxVersion(MeowmxError):
+    """load_snapshot's max_version is below 1."""
+
+    sqlstate = "MX031"
+
+
+class InvalidSnapshotState(MeowmxError):
+    """The snapshot's state is not a JSON object."""
+
+    sqlstate = "MX032"
+
+
 class SchemaTooNew(MeowmxError):
     """The database holds a newer meowmx schema than this package knows."""
 
     sqlstate = "MX090"
 
 
+def _classes(base: type[MeowmxError]) -> Iterator[type[MeowmxError]]:
+    for cls in base.__subclasses__():
+        yield cls
+        yield from _classes(cls)
+
+
 ERRORS: dict[str, type[MeowmxError]] = {
-    cls.sqlstate: cls for cls in MeowmxError.__subclasses__() if cls.sqlstate is not None
+    cls.sqlstate: cls for cls in _classes(MeowmxError) if cls.sqlstate is not None
 }
 
-__all__ = ["MeowmxError", *(cls.__name__ for cls in ERRORS.values())]
+__all__ = [
+    "MeowmxError",
+    "InvalidSubscriptionArgument",
+    *(cls.__name__ for cls in ERRORS.values()),
+]
 
 
 def from_psycopg(error: psycopg.Error) -> MeowmxError | None:
@@ -159,7 +229,9 @@ def from_psycopg(error: psycopg.Error) -> MeowmxError | None:
     if cls is None:
         return None
     diag = error.diag
-    return cls(diag.message_primary or str(error), diag.message_detail, diag.message_hint)
+    # meowmx._fail sends the facts as a JSON object in the CONSTRAINT field.
+    facts = json.loads(diag.constraint_name) if diag.constraint_name else None
+    return cls(diag.message_primary or str(error), diag.message_detail, diag.message_hint, facts)
 
 
 @contextmanager

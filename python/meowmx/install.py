@@ -8,10 +8,10 @@ existing database runs after its version.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,11 @@ import psycopg
 
 from meowmx.connection import Target, connection
 from meowmx.errors import SchemaTooNew
+
+if sys.version_info >= (3, 11):
+    from importlib.resources.abc import Traversable
+else:
+    from importlib.abc import Traversable
 
 # Serializes installers: concurrent processes apply each migration exactly once.
 # Names are qualified: the installing session's search_path may hold anything.

@@ -3,11 +3,12 @@
 
 -- Errors --------------------------------------------------------------------------------
 
-
 -- Raises a meowmx error. Every expected failure goes through here so that each
--- condition has its own SQLSTATE (class MX) with a DETAIL and a HINT.
+-- condition has its own SQLSTATE (class MX) with a DETAIL and a HINT. `facts`, a
+-- JSON object of the values the DETAIL names (versions, positions), travels in the
+-- error's CONSTRAINT field, so that clients read them without parsing text.
 CREATE FUNCTION meowmx._fail(
-    errcode text, message text, detail text, hint text
+    errcode text, message text, detail text, hint text, facts jsonb DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -17,9 +18,15 @@ BEGIN
         ERRCODE = _fail.errcode,
         MESSAGE = _fail.message,
         DETAIL = coalesce(_fail.detail, ''),
-        HINT = coalesce(_fail.hint, '');
+        HINT = coalesce(_fail.hint, ''),
+        CONSTRAINT = coalesce(_fail.facts::text, '');
 END;
 $$;
+
+-- The largest bigint: what a NULL upper bound on versions and positions means.
+CREATE FUNCTION meowmx._bigint_max() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 9223372036854775807;
 
 -- Names (categories, stream ids, event types, ...) are non-empty and short
 -- enough to index. _valid_name is the fast test for hot paths (a SQL-standard
@@ -129,6 +136,7 @@ CREATE FUNCTION meowmx._cursor(xid xid8, pos bigint) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN xid::text || ':' || pos::text;
 
+-- The parts of a cursor; NULLs when it is not one.
 CREATE FUNCTION meowmx._parse_cursor(cursor text, OUT xid xid8, OUT pos bigint)
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -136,16 +144,11 @@ AS $$
 DECLARE
     parts text[] := regexp_match(cursor, '^([0-9]{1,20}):([0-9]{1,19})$');
 BEGIN
-    IF parts IS NULL
-        OR parts[1]::numeric > 18446744073709551615
-        OR parts[2]::numeric > 9223372036854775807 THEN
-        PERFORM meowmx._fail('MX015', 'malformed cursor',
-            format('cursor is %s', coalesce(quote_literal(left(cursor, 60)), 'NULL')),
-            'Pass NULL to start at the beginning, or the cursor column of a row '
-            'that meowmx returned.');
+    IF parts[1]::numeric <= 18446744073709551615
+        AND parts[2]::numeric <= meowmx._bigint_max() THEN
+        xid := parts[1]::xid8;
+        pos := parts[2]::bigint;
     END IF;
-    xid := parts[1]::xid8;
-    pos := parts[2]::bigint;
 END;
 $$;
 
@@ -160,6 +163,11 @@ BEGIN
         WHEN 'end' THEN meowmx.end_cursor()
         ELSE start_at
     END) AS c;
+    IF xid IS NULL THEN
+        PERFORM meowmx._fail('MX028', 'invalid start_at',
+            format('start_at is %s', coalesce(quote_literal(left(start_at, 60)), 'NULL')),
+            'Pass ''beginning'', ''end'', or the cursor column of a row that meowmx returned.');
+    END IF;
 END;
 $$;
 

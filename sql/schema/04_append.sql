@@ -5,7 +5,7 @@
 -- serialized by an advisory lock taken before the append assigns a
 -- transaction id, so transaction ids grow with stream versions.
 CREATE FUNCTION meowmx._lock_stream(
-    p_category text, p_stream_id text, p_expected_version bigint
+    category text, stream_id text, expected_version bigint
 ) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -14,23 +14,25 @@ DECLARE
     current_version bigint;
     last_transaction_id xid8;
 BEGIN
-    PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(p_category, p_stream_id));
+    PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
 
     SELECT e.version, e.transaction_id INTO current_version, last_transaction_id
     FROM meowmx.events AS e
-    WHERE e.category = p_category AND e.stream_id = p_stream_id
+    WHERE e.category = _lock_stream.category AND e.stream_id = _lock_stream.stream_id
     ORDER BY e.version DESC
     LIMIT 1;
     current_version := coalesce(current_version, 0);
 
-    IF p_expected_version IS NOT NULL AND NOT (
-        (p_expected_version = -1 AND current_version > 0)
-        OR p_expected_version = current_version
+    IF expected_version IS NOT NULL AND NOT (
+        (expected_version = -1 AND current_version > 0)
+        OR expected_version = current_version
     ) THEN
         PERFORM meowmx._fail('MX001', 'wrong expected version',
             format('stream %s/%s: expected version %s, actual version %s',
-                p_category, p_stream_id, p_expected_version, current_version),
-            'Read the stream again, decide again, and retry with its current version.');
+                category, stream_id, expected_version, current_version),
+            'Read the stream again, decide again, and retry with its current version.',
+            jsonb_build_object('category', category, 'stream_id', stream_id,
+                'expected_version', expected_version, 'actual_version', current_version));
     END IF;
 
     -- Only a transaction that wrote before this call can hold an id older than
@@ -38,9 +40,10 @@ BEGIN
     IF pg_current_xact_id_if_assigned() < last_transaction_id THEN
         PERFORM meowmx._fail('MX004', 'transaction is older than the stream''s last append',
             format('stream %s/%s was appended to by transaction %s, which started after '
-                'this one took its transaction id %s', p_category, p_stream_id,
+                'this one took its transaction id %s', category, stream_id,
                 last_transaction_id, pg_current_xact_id_if_assigned()),
-            'Retry the whole transaction, or append before writing anything else in it.');
+            'Retry the whole transaction, or append before writing anything else in it.',
+            jsonb_build_object('category', category, 'stream_id', stream_id));
     END IF;
     RETURN current_version;
 END;
@@ -65,68 +68,70 @@ $$;
 -- Appends a batch to one stream. The public append functions validate their
 -- input and call this (append_event only for the less common cases).
 CREATE FUNCTION meowmx._append(
-    p_category text,
-    p_stream_id text,
-    p_expected_version bigint,
-    p_types text[],
-    p_data jsonb[],
-    p_metadata jsonb[],
-    p_ids uuid[]
+    category text,
+    stream_id text,
+    expected_version bigint,
+    types text[],
+    data jsonb[],
+    metadata jsonb[],
+    ids uuid[]
 ) RETURNS SETOF meowmx.appended
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     current_version bigint;
-    given_ids integer := cardinality(array_remove(p_ids, NULL));
+    given_ids integer := cardinality(array_remove(ids, NULL));
     retry record;
 BEGIN
     IF given_ids > 0 THEN
         -- Under the stream's lock, so that concurrent retries see each other.
-        PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(p_category, p_stream_id));
+        PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
         SELECT
             count(*) AS found,
             min(e.category || '/' || e.stream_id) FILTER (
-                WHERE e.category <> p_category OR e.stream_id <> p_stream_id
+                WHERE e.category <> _append.category OR e.stream_id <> _append.stream_id
             ) AS other_stream,
             -- where the batch would start if this is a retry
             min(e.version - i.ord) AS base
         INTO retry
-        FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
+        FROM unnest(ids) WITH ORDINALITY AS i (id, ord)
         INNER JOIN meowmx.events AS e ON e.event_id = i.id;
 
         IF retry.other_stream IS NOT NULL THEN
             PERFORM meowmx._fail('MX002', 'event id already used in another stream',
                 format('an event id of this append is stored in stream %s', retry.other_stream),
-                'Event ids are unique in the store; give each new event a new id.');
+                'Event ids are unique in the store; give each new event a new id.',
+                jsonb_build_object('other_stream', retry.other_stream));
         ELSIF retry.found > 0 THEN
             -- A retry of an append that succeeded holds the whole batch at
             -- consecutive versions, each event with the id it was sent with
             -- (or none): return what the append returned.
             IF (
-                SELECT count(*) FROM unnest(p_ids) WITH ORDINALITY AS i (id, ord)
+                SELECT count(*) FROM unnest(ids) WITH ORDINALITY AS i (id, ord)
                 INNER JOIN meowmx.events AS e
-                    ON e.category = p_category AND e.stream_id = p_stream_id
+                    ON e.category = _append.category AND e.stream_id = _append.stream_id
                     AND e.version = retry.base + i.ord
                 WHERE e.event_id IS NOT DISTINCT FROM i.id
-            ) = cardinality(p_ids) THEN
+            ) = cardinality(ids) THEN
                 RETURN QUERY
                 SELECT e.version, e.position
                 FROM meowmx.events AS e
-                WHERE e.category = p_category AND e.stream_id = p_stream_id
-                    AND e.version BETWEEN retry.base + 1 AND retry.base + cardinality(p_ids)
+                WHERE e.category = _append.category AND e.stream_id = _append.stream_id
+                    AND e.version BETWEEN retry.base + 1 AND retry.base + cardinality(ids)
                 ORDER BY e.version;
                 RETURN;
             END IF;
             PERFORM meowmx._fail('MX003', 'append partly matches events already stored',
                 format('%s of the %s events are already in stream %s/%s',
-                    retry.found, cardinality(p_ids), p_category, p_stream_id),
+                    retry.found, cardinality(ids), category, stream_id),
                 'Resend exactly the events of the earlier append, in the same order, '
-                'or give new events new ids.');
+                'or give new events new ids.',
+                jsonb_build_object('stored', retry.found, 'sent', cardinality(ids)));
         END IF;
     END IF;
 
-    current_version := meowmx._lock_stream(p_category, p_stream_id, p_expected_version);
+    current_version := meowmx._lock_stream(category, stream_id, expected_version);
 
     IF given_ids = 0 THEN
         RETURN QUERY
@@ -134,8 +139,10 @@ BEGIN
             INSERT INTO meowmx.events (
                 category, stream_id, version, event_type, data, metadata
             )
-            SELECT p_category, p_stream_id, current_version + i.ord, i.type, i.data, i.metadata
-            FROM unnest(p_types, p_data, p_metadata) WITH ORDINALITY AS i (type, data, metadata, ord)
+            SELECT _append.category, _append.stream_id, current_version + i.ord,
+                i.type, i.data, i.metadata
+            FROM unnest(types, _append.data, _append.metadata)
+                WITH ORDINALITY AS i (type, data, metadata, ord)
             RETURNING events.version, events.position
         )
         SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
@@ -148,16 +155,16 @@ BEGIN
                 category, stream_id, version, event_type, data, metadata, event_id
             )
             SELECT
-                p_category, p_stream_id, current_version + i.ord,
+                _append.category, _append.stream_id, current_version + i.ord,
                 i.type, i.data, i.metadata, i.id
-            FROM unnest(p_types, p_data, p_metadata, p_ids)
+            FROM unnest(types, _append.data, _append.metadata, ids)
                 WITH ORDINALITY AS i (type, data, metadata, id, ord)
             ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING
             RETURNING events.version, events.position
         )
         SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
         GET DIAGNOSTICS given_ids = ROW_COUNT;
-        IF given_ids <> cardinality(p_types) THEN
+        IF given_ids <> cardinality(types) THEN
             PERFORM meowmx._fail('MX002', 'event id already used in another stream',
                 'another transaction stored one of these event ids at the same time',
                 'Event ids are unique in the store; give each new event a new id.');

@@ -42,7 +42,7 @@ BEGIN
         SELECT e.*, meowmx._cursor(e.transaction_id, e.position)
         FROM meowmx.events AS e
         WHERE e.category = read_stream.category AND e.stream_id = read_stream.stream_id
-            AND e.version <= coalesce(from_version, 9223372036854775807)
+            AND e.version <= coalesce(from_version, meowmx._bigint_max())
         ORDER BY e.version DESC
         LIMIT max_count;
     ELSE
@@ -76,13 +76,19 @@ DECLARE
     horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
     from_xid xid8 := '0';
     from_position bigint := 0;
+    ranges text;
 BEGIN
     PERFORM meowmx._check_max_count(max_count);
     PERFORM meowmx._check_filter('categories', categories);
     PERFORM meowmx._check_filter('event_types', event_types);
     IF after IS NOT NULL THEN
-        SELECT c.xid, c.pos INTO from_xid, from_position
-        FROM meowmx._parse_cursor(after) AS c;
+        SELECT c.xid, c.pos INTO from_xid, from_position FROM meowmx._parse_cursor(after) AS c;
+        IF from_xid IS NULL THEN
+            PERFORM meowmx._fail('MX015', 'malformed cursor',
+                format('cursor is %s', quote_literal(left(after, 60))),
+                'Pass NULL to start at the beginning, or the cursor column of a row '
+                'that meowmx returned.');
+        END IF;
     END IF;
 
     IF categories IS NULL AND event_types IS NULL THEN
@@ -93,32 +99,29 @@ BEGIN
             AND e.transaction_id < horizon
         ORDER BY e.transaction_id, e.position
         LIMIT max_count;
-    ELSE
-        -- One ordered index range per category (or type), merged. The names go
-        -- in as literals so the planner sees how rare each one is: behind a
-        -- parameter it may guess that a rare category matches most rows and
-        -- walk the commit order index instead, filtering the whole table.
-        RETURN QUERY EXECUTE format(
-            'SELECT e.*, meowmx._cursor(e.transaction_id, e.position) FROM (%s) AS e'
-            ' ORDER BY e.transaction_id, e.position LIMIT $4',
-            (
-                SELECT string_agg(format(
-                    '(SELECT ev.* FROM meowmx.events AS ev WHERE ev.%I = %L'
-                    ' AND (ev.transaction_id, ev.position) > ($1, $2)'
-                    ' AND ev.transaction_id < $3 %s'
-                    ' ORDER BY ev.transaction_id, ev.position LIMIT $4)',
-                    filter.column_name, filter.value,
-                    CASE WHEN filter.column_name = 'category' AND event_types IS NOT NULL
-                        THEN 'AND ev.event_type = ANY($5)' ELSE '' END
-                ), ' UNION ALL ')
-                FROM (
-                    SELECT DISTINCT
-                        CASE WHEN categories IS NULL THEN 'event_type' ELSE 'category' END,
-                        unnest(coalesce(categories, event_types))
-                ) AS filter (column_name, value)
-            ))
-        USING from_xid, from_position, horizon, max_count, event_types;
+        RETURN;
     END IF;
+
+    -- One ordered index range per category (or, without categories, per type),
+    -- merged. The names go in as literals so the planner sees how rare each one
+    -- is: behind a parameter it may guess that a rare category matches most rows
+    -- and walk the commit order index instead, filtering the whole table.
+    SELECT string_agg(format(
+        '(SELECT ev.* FROM meowmx.events AS ev WHERE ev.%I = %L%s'
+        ' AND (ev.transaction_id, ev.position) > ($1, $2) AND ev.transaction_id < $3'
+        ' ORDER BY ev.transaction_id, ev.position LIMIT $4)',
+        CASE WHEN categories IS NULL THEN 'event_type' ELSE 'category' END,
+        f.name,
+        CASE WHEN categories IS NOT NULL AND event_types IS NOT NULL
+            THEN ' AND ev.event_type = ANY($5)' ELSE '' END
+    ), ' UNION ALL ')
+    INTO ranges
+    FROM (SELECT DISTINCT unnest(coalesce(categories, event_types))) AS f (name);
+
+    RETURN QUERY EXECUTE
+        'SELECT e.*, meowmx._cursor(e.transaction_id, e.position) FROM (' || ranges || ') AS e'
+        ' ORDER BY e.transaction_id, e.position LIMIT $4'
+    USING from_xid, from_position, horizon, max_count, event_types;
 END;
 $$;
 GRANT EXECUTE ON FUNCTION meowmx.read_events(text, integer, text[], text[])

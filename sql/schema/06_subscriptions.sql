@@ -47,16 +47,16 @@ BEGIN
     PERFORM meowmx._check_filter('categories', categories);
     PERFORM meowmx._check_filter('event_types', event_types);
     IF partitions IS NULL OR partitions < 1 OR partitions > 1024 THEN
-        PERFORM meowmx._fail('MX024', 'partitions out of range',
+        PERFORM meowmx._fail('MX026', 'partitions out of range',
             format('partitions is %s', coalesce(partitions::text, 'NULL')),
             'Pass from 1 to 1024 partitions: about as many as the workers you will run.');
     END IF;
     IF max_attempts IS NULL OR max_attempts < 1 OR max_attempts > 1000 THEN
-        PERFORM meowmx._fail('MX024', 'max_attempts out of range',
+        PERFORM meowmx._fail('MX027', 'max_attempts out of range',
             format('max_attempts is %s', coalesce(max_attempts::text, 'NULL')),
             'Pass from 1 to 1000 attempts before an event is parked.');
     END IF;
-    start := meowmx._start_checkpoint(coalesce(start_at, ''));
+    start := meowmx._start_checkpoint(start_at);
 
     -- Filters are sets: store them sorted and without duplicates.
     wanted := ROW(
@@ -119,13 +119,12 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     sub meowmx.subscriptions := meowmx._subscription(name);
-    start record := meowmx._start_checkpoint(coalesce(start_at, ''));
+    start record := meowmx._start_checkpoint(start_at);
 BEGIN
+    PERFORM meowmx._move_checkpoint(sub.name, n, start.xid, start.pos, NULL)
+    FROM generate_series(0, sub.partitions - 1) AS n;
     UPDATE meowmx.subscription_partitions AS p SET
-        checkpoint_xid = start.xid, checkpoint_position = start.pos,
-        batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
-        lease_owner = NULL, lease_expires_at = NULL, lease_duration = NULL,
-        failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL
+        lease_owner = NULL, lease_expires_at = NULL, lease_duration = NULL
     WHERE p.subscription = sub.name;
 END;
 $$;
@@ -133,6 +132,23 @@ GRANT EXECUTE ON FUNCTION meowmx.reset_subscription(text, text)
 TO meowmx_admin;
 
 -- Work ----------------------------------------------------------------------------------
+
+-- Moves a partition's checkpoint to (xid, pos): the batch handed out is over and
+-- the failure record cleared. lease_until renews the lease (NULL: as it was).
+CREATE FUNCTION meowmx._move_checkpoint(
+    subscription text, partition integer, xid xid8, pos bigint, lease_until timestamptz
+) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE meowmx.subscription_partitions AS p SET
+        checkpoint_xid = xid, checkpoint_position = pos,
+        batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
+        failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL,
+        lease_expires_at = coalesce(lease_until, p.lease_expires_at)
+    WHERE p.subscription = _move_checkpoint.subscription
+        AND p.partition = _move_checkpoint.partition
+$$;
 
 
 CREATE FUNCTION meowmx.claim_batch(
@@ -159,12 +175,12 @@ DECLARE
     last_returned bigint;
     scan_size integer;
 BEGIN
-    PERFORM meowmx._check_name('worker', worker, 'MX024');
+    PERFORM meowmx._check_name('worker', worker, 'MX040');
     PERFORM meowmx._check_max_count(max_count);
     -- Scan enough to find about max_count events of one partition.
     scan_size := least(10000, max_count * sub.partitions);
     IF lease IS NULL OR lease <= '0' OR lease > '1 day' THEN
-        PERFORM meowmx._fail('MX024', 'lease out of range',
+        PERFORM meowmx._fail('MX041', 'lease out of range',
             format('lease is %s', coalesce(lease::text, 'NULL')),
             'Pass a lease longer than 0 and at most 1 day.');
     END IF;
@@ -236,11 +252,8 @@ BEGIN
             -- good, so an idle partition does not scan them again.
             part.checkpoint_xid := last_xid;
             part.checkpoint_position := last_position;
-            UPDATE meowmx.subscription_partitions AS p SET
-                checkpoint_xid = part.checkpoint_xid,
-                checkpoint_position = part.checkpoint_position,
-                batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL
-            WHERE p.subscription = sub.name AND p.partition = part.partition;
+            PERFORM meowmx._move_checkpoint(
+                sub.name, part.partition, last_xid, last_position, NULL);
             EXIT WHEN scanned < scan_size;
         END LOOP;
     END LOOP;
@@ -260,12 +273,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM meowmx._check_name('worker', worker, 'MX024');
+    PERFORM meowmx._check_name('worker', worker, 'MX040');
     SELECT * INTO part FROM meowmx.subscription_partitions AS p
     WHERE p.subscription = sub.name AND p.partition = _batch_event.partition
     FOR UPDATE;
     IF NOT FOUND THEN
-        PERFORM meowmx._fail('MX024', 'no such partition',
+        PERFORM meowmx._fail('MX042', 'no such partition',
             format('subscription %s has partitions 0 to %s; got %s',
                 sub.name, sub.partitions - 1, coalesce(partition::text, 'NULL')),
             'Pass the partition column of the claimed row.');
@@ -275,7 +288,8 @@ BEGIN
             format('partition %s of %s is leased by %s, not %s', partition, sub.name,
                 coalesce(quote_literal(part.lease_owner), 'nobody'), quote_literal(worker)),
             'Another worker took the partition over after the lease expired, or it was '
-            'released or reset; drop the batch and claim again.');
+            'released or reset; drop the batch and claim again.',
+            jsonb_build_object('lease_owner', part.lease_owner));
     END IF;
 
     SELECT * INTO event FROM meowmx.events AS e WHERE e.position = event_position;
@@ -292,7 +306,8 @@ BEGIN
         PERFORM meowmx._fail('MX023', 'event is not in the current batch',
             format('event %s is not among the unacknowledged events of partition %s of %s',
                 coalesce(event_position::text, 'NULL'), partition, sub.name),
-            'Ack or nack only positions from your latest claim_batch, each once, in order.');
+            'Ack or nack only positions from your latest claim_batch, each once, in order.',
+            jsonb_build_object('event_position', event_position));
     END IF;
 END;
 $$;
@@ -309,19 +324,22 @@ AS $$
 DECLARE
     sub meowmx.subscriptions := meowmx._subscription(subscription);
     target record := meowmx._batch_event(sub, worker, partition, event_position);
-    batch_done boolean := event_position = (target.part).batch_last_position;
+    part meowmx.subscription_partitions := target.part;
+    lease_until timestamptz := clock_timestamp() + part.lease_duration;
 BEGIN
-    UPDATE meowmx.subscription_partitions AS p SET
-        checkpoint_xid = CASE WHEN batch_done THEN p.batch_end_xid
-            ELSE (target.event).transaction_id END,
-        checkpoint_position = CASE WHEN batch_done THEN p.batch_end_position
-            ELSE (target.event).position END,
-        batch_end_xid = CASE WHEN batch_done THEN NULL ELSE p.batch_end_xid END,
-        batch_end_position = CASE WHEN batch_done THEN NULL ELSE p.batch_end_position END,
-        batch_last_position = CASE WHEN batch_done THEN NULL ELSE p.batch_last_position END,
-        failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL,
-        lease_expires_at = clock_timestamp() + p.lease_duration
-    WHERE p.subscription = sub.name AND p.partition = ack.partition;
+    IF event_position = part.batch_last_position THEN
+        -- The batch is done: move to its end, past the other partitions' events
+        -- that its scan went over.
+        PERFORM meowmx._move_checkpoint(
+            sub.name, ack.partition, part.batch_end_xid, part.batch_end_position, lease_until);
+    ELSE
+        -- A heartbeat: the events after this one stay handed out.
+        UPDATE meowmx.subscription_partitions AS p SET
+            checkpoint_xid = (target.event).transaction_id, checkpoint_position = event_position,
+            failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL,
+            lease_expires_at = lease_until
+        WHERE p.subscription = sub.name AND p.partition = ack.partition;
+    END IF;
 END;
 $$;
 GRANT EXECUTE ON FUNCTION meowmx.ack(text, text, integer, bigint)
@@ -353,7 +371,7 @@ DECLARE
     at timestamptz := clock_timestamp();
 BEGIN
     IF retry_after IS NULL OR retry_after < '0' OR retry_after > '1 day' THEN
-        PERFORM meowmx._fail('MX024', 'retry_after out of range',
+        PERFORM meowmx._fail('MX043', 'retry_after out of range',
             format('retry_after is %s', coalesce(retry_after::text, 'NULL')),
             'Pass an interval from 0 to 1 day.');
     END IF;
@@ -364,12 +382,8 @@ BEGIN
         VALUES (sub.name, nack.partition, failed.position, attempt, left(error, 10000))
         ON CONFLICT ON CONSTRAINT parked_events_pkey DO UPDATE
         SET attempts = excluded.attempts, error = excluded.error, parked_at = now();
-        UPDATE meowmx.subscription_partitions AS p SET
-            checkpoint_xid = failed.transaction_id, checkpoint_position = failed.position,
-            batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
-            failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL,
-            lease_expires_at = at + p.lease_duration
-        WHERE p.subscription = sub.name AND p.partition = nack.partition;
+        PERFORM meowmx._move_checkpoint(sub.name, nack.partition,
+            failed.transaction_id, failed.position, at + (target.part).lease_duration);
         RETURN true;
     END IF;
 
@@ -398,7 +412,7 @@ DECLARE
     sub meowmx.subscriptions := meowmx._subscription(subscription);
     released integer;
 BEGIN
-    PERFORM meowmx._check_name('worker', worker, 'MX024');
+    PERFORM meowmx._check_name('worker', worker, 'MX040');
     UPDATE meowmx.subscription_partitions AS p SET
         lease_owner = NULL, lease_expires_at = NULL, lease_duration = NULL,
         batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL
@@ -510,10 +524,9 @@ BEGIN
     END IF;
     SELECT * INTO event FROM meowmx.events AS e WHERE e.position = event_position;
 
-    UPDATE meowmx.subscription_partitions AS p SET
-        checkpoint_xid = event.transaction_id, checkpoint_position = event.position - 1,
-        batch_end_xid = NULL, batch_end_position = NULL, batch_last_position = NULL,
-        failing_position = NULL, attempts = 0, last_error = NULL, retry_at = NULL
+    PERFORM meowmx._move_checkpoint(
+        sub.name, parked.partition, event.transaction_id, event.position - 1, NULL)
+    FROM meowmx.subscription_partitions AS p
     WHERE p.subscription = sub.name AND p.partition = parked.partition
         AND (p.checkpoint_xid, p.checkpoint_position) >= (event.transaction_id, event.position);
 

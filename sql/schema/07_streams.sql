@@ -17,10 +17,11 @@ BEGIN
         PERFORM meowmx._fail('MX030', 'snapshot version out of range',
             format('stream %s/%s is at version %s; snapshot version is %s',
                 category, stream_id, current_version, coalesce(version::text, 'NULL')),
-            'Snapshot a version the stream has reached: from 1 to its current version.');
+            'Snapshot a version the stream has reached: from 1 to its current version.',
+            jsonb_build_object('version', version, 'stream_version', current_version));
     END IF;
     IF state IS NULL OR jsonb_typeof(state) <> 'object' THEN
-        PERFORM meowmx._fail('MX012', 'snapshot state must be a JSON object',
+        PERFORM meowmx._fail('MX032', 'snapshot state must be a JSON object',
             format('state is %s', coalesce(jsonb_typeof(state), 'NULL')),
             'Wrap the state in an object, for example {"value": ...}.');
     END IF;
@@ -44,7 +45,7 @@ AS $$
 BEGIN
     PERFORM meowmx._check_stream(category, stream_id);
     IF max_version < 1 THEN
-        PERFORM meowmx._fail('MX017', 'invalid stream read',
+        PERFORM meowmx._fail('MX031', 'invalid snapshot max_version',
             format('max_version is %s', max_version),
             'Versions start at 1; pass NULL for the newest snapshot.');
     END IF;
@@ -52,7 +53,7 @@ BEGIN
     SELECT s.version, s.state, s.created_at
     FROM meowmx.snapshots AS s
     WHERE s.category = load_snapshot.category AND s.stream_id = load_snapshot.stream_id
-        AND s.version <= coalesce(max_version, 9223372036854775807)
+        AND s.version <= coalesce(max_version, meowmx._bigint_max())
     ORDER BY s.version DESC
     LIMIT 1;
 END;
@@ -102,7 +103,7 @@ DECLARE
 BEGIN
     PERFORM meowmx._check_stream(category, stream_id);
     IF before_version < 1 THEN
-        PERFORM meowmx._fail('MX017', 'invalid stream read',
+        PERFORM meowmx._fail('MX019', 'invalid before_version',
             format('before_version is %s', before_version),
             'Versions start at 1; pass NULL to delete the whole stream.');
     END IF;
@@ -113,13 +114,13 @@ BEGIN
     USING meowmx.events AS e
     WHERE e.position = d.position
         AND e.category = delete_stream.category AND e.stream_id = delete_stream.stream_id
-        AND e.version < coalesce(before_version, 9223372036854775807);
+        AND e.version < coalesce(before_version, meowmx._bigint_max());
     DELETE FROM meowmx.snapshots AS s
     WHERE s.category = delete_stream.category AND s.stream_id = delete_stream.stream_id
-        AND s.version < coalesce(before_version, 9223372036854775807);
+        AND s.version < coalesce(before_version, meowmx._bigint_max());
     DELETE FROM meowmx.events AS e
     WHERE e.category = delete_stream.category AND e.stream_id = delete_stream.stream_id
-        AND e.version < coalesce(before_version, 9223372036854775807);
+        AND e.version < coalesce(before_version, meowmx._bigint_max());
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN deleted;
 END;
