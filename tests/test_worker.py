@@ -604,7 +604,8 @@ def test_listen_delivers_promptly_despite_a_long_poll_interval(
     assert arrived[0] - max(appended, visible - 0.05) < 2.0, (
         f"took {arrived[0] - appended:.2f} s after the append with a 5 s poll interval"
     )
-    worker.stop()
-    conn.execute("NOTIFY meowmx")  # wake it: stop() does not interrupt the wait
+    stopped = time.monotonic()
+    worker.stop()  # takes effect within its wait, long before the next poll
     thread.join(timeout=10)
     assert not thread.is_alive()
+    assert time.monotonic() - stopped < 2.5

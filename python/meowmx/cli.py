@@ -32,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from meowmx import demo
 from meowmx.client import Client, RecordedEvent
 from meowmx.errors import MeowmxError
+from meowmx.follower import CHANNEL, Follower
 from meowmx.install import applied_versions, install, latest_version, migrations, script
 from meowmx.output import event_json, is_tty, json_lines, table
 
@@ -301,7 +302,7 @@ def _parser() -> _Parser:
         "tail",
         _tail,
         "follow new events live, as JSON lines",
-        description="Print events as JSON lines as they commit (LISTEN meowmx, and polling), "
+        description=f"Print events as JSON lines as they commit (LISTEN {CHANNEL}, and polling), "
         "until Ctrl-C or SIGTERM. Starts at the beginning unless --after or --from-end.",
     )
     p.add_argument("--category", action="append", metavar="C", help="only category C (repeat)")
@@ -560,14 +561,6 @@ def _read(args: argparse.Namespace) -> int:
     return 0
 
 
-def end_cursor(conn: psycopg.Connection[Any]) -> str:
-    """A cursor after every event visible now (what start_at => 'end' means): every
-    transaction still running, or newer, comes after it."""
-    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
-    assert row is not None
-    return f"{row[0]}:0"
-
-
 @contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Turn SIGTERM into a KeyboardInterrupt (Terminated) in the main thread."""
@@ -586,20 +579,23 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    with _database(args) as (target, conn), target.connect() as listener:
-        listener.execute("LISTEN meowmx")
-        after = end_cursor(conn) if args.from_end else args.after
+    with (
+        _database(args) as (target, conn),
+        Follower(target.connect, poll_interval=args.poll) as follower,
+    ):
+        follower.listen()  # before the first read, so that no append falls in between
+        client = Client(conn)
+        after = client.end_cursor() if args.from_end else args.after
         if is_tty(sys.stderr) and is_tty(sys.stdout):
             print(f"{PROG}: following events; Ctrl-C to stop", file=sys.stderr)
         try:
             with sigterm_interrupts():
                 follow(
-                    conn,
-                    listener,
+                    client,
+                    follower,
                     after=after,
                     categories=args.category,
                     event_types=args.types,
-                    poll=args.poll,
                     timeout=args.timeout,
                     max_events=args.max_events,
                     emit=_print_flushed,
@@ -615,28 +611,20 @@ def _print_flushed(event: RecordedEvent) -> None:
 
 
 def follow(
-    conn: psycopg.Connection[Any],
-    listener: psycopg.Connection[Any],
+    client: Client,
+    follower: Follower,
     *,
     after: str | None,
     categories: Sequence[str] | None,
     event_types: Sequence[str] | None,
-    poll: float,
     timeout: float | None,
     max_events: int | None,
     emit: Callable[[RecordedEvent], None],
 ) -> int:
-    """Pass events to `emit` as they pass the read horizon; returns how many.
-
-    `listener` has run LISTEN meowmx. Appenders skip their NOTIFY while another open
-    appender will send one, so after a wake-up keep reading until the horizon has
-    passed every transaction that was open then (the snapshot's xmax)."""
-    client = Client(conn)
+    """Pass events to `emit` as they pass the read horizon; returns how many."""
     page_size = 1000
     deadline = None if timeout is None else time.monotonic() + timeout
     count = 0
-    catch_up_to: int | None = None
-    catch_up_until = 0.0
     while True:
         page = client.read_events_page(
             after=after, max_count=page_size, categories=categories, event_types=event_types
@@ -649,24 +637,12 @@ def follow(
                 return count
         if len(page) == page_size:
             continue
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
+        if deadline is None:
+            follower.wait()
+        elif (left := deadline - time.monotonic()) > 0:
+            follower.wait(left)
+        else:
             return count
-        if catch_up_to is not None:
-            if _snapshot_bound(conn, "pg_snapshot_xmin") < catch_up_to and now < catch_up_until:
-                time.sleep(0.005)
-                continue
-            catch_up_to = None
-        wait = poll if deadline is None else min(poll, deadline - now)
-        if any(True for _ in listener.notifies(timeout=wait, stop_after=1)):
-            catch_up_to = _snapshot_bound(conn, "pg_snapshot_xmax")
-            catch_up_until = time.monotonic() + poll
-
-
-def _snapshot_bound(conn: psycopg.Connection[Any], bound: str) -> int:
-    row = conn.execute(f"SELECT {bound}(pg_current_snapshot())::text").fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _subscriptions(args: argparse.Namespace) -> int:

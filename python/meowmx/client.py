@@ -355,6 +355,12 @@ class Client:
                 return
             after = page[-1].cursor
 
+    def end_cursor(self, *, conn: Conn | None = None) -> str:
+        """A cursor after every event readable now: reading after it returns only
+        events that commit later (including those of transactions open now)."""
+        cursor: str = self._call(conn, "SELECT meowmx.end_cursor()", {})[0][0]
+        return cursor
+
     def list_streams(
         self, category: str, *, after: str | None = None, max_count: int = 1000
     ) -> list[StreamSummary]:

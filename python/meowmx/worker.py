@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from types import FrameType
-from typing import Any
 
 import psycopg
 
 from meowmx.client import ClaimedEvent, Client, Conn
 from meowmx.connection import Target
 from meowmx.errors import LeaseLost, NotInBatch
+from meowmx.follower import Follower
 
 log = logging.getLogger("meowmx.worker")
 
@@ -184,13 +184,14 @@ class Worker:
         Waits for the append NOTIFY and also polls every poll_interval seconds, so
         a lost notification or a pooler that drops LISTEN never stalls it.
         """
-        with self._signals(handle_signals), self._listener() as wait:
+        follower = Follower(self.listen_dsn, poll_interval=self.poll_interval, stop=self.stop_event)
+        with self._signals(handle_signals), follower:
             try:
                 while not self.stop_event.is_set():
                     try:
                         if self.run_once():
                             continue
-                        wait()
+                        follower.wait()
                     except psycopg.OperationalError as error:
                         log.warning("worker %s lost its connection: %s", self.name, error)
                         self.stop_event.wait(self.poll_interval)
@@ -201,22 +202,6 @@ class Worker:
                     log.warning("worker %s could not release its leases: %s", self.name, error)
                 if self._owns_client:
                     self.client.close()
-
-    @contextmanager
-    def _listener(self) -> Iterator[Callable[[], None]]:
-        """A function that waits for new events: a NOTIFY, or the poll interval."""
-        if self.listen_dsn is None:
-
-            def poll() -> None:
-                self.stop_event.wait(self.poll_interval)
-
-            yield poll
-            return
-        listener = _Listener(self.listen_dsn, self)
-        try:
-            yield listener.wait
-        finally:
-            listener.close()
 
     @contextmanager
     def _signals(self, enabled: bool) -> Iterator[None]:
@@ -237,63 +222,6 @@ class Worker:
 
 class _Rollback(Exception):
     """Raised inside a transaction block to roll it back after a handler error."""
-
-
-class _Listener:
-    """LISTENs for appends. Appenders skip their NOTIFY while another open
-    appender will send one, so after a wake-up the worker keeps looking until the
-    read horizon has passed every transaction that was open when it woke."""
-
-    def __init__(self, dsn: str, worker: Worker):
-        self.dsn = dsn
-        self.worker = worker
-        self.conn: psycopg.Connection[Any] | None = None
-        self.catch_up_to: int | None = None  # an xid8: drain until the horizon passes it
-        self.catch_up_until = 0.0  # a long transaction must not keep it spinning
-        self.catch_up_pause = 0.002
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self.conn = psycopg.connect(self.dsn, autocommit=True)
-            self.conn.execute("LISTEN meowmx")
-        return self.conn
-
-    def wait(self) -> None:
-        conn = self._connection()
-        if self.catch_up_to is not None:
-            if (
-                _xid(conn, "pg_snapshot_xmin") < self.catch_up_to
-                and time.monotonic() < self.catch_up_until
-            ):
-                # Appenders that skipped NOTIFY are still committing; back off in
-                # case an unrelated long transaction holds the horizon.
-                time.sleep(self.catch_up_pause)
-                self.catch_up_pause = min(0.1, self.catch_up_pause * 2)
-                return
-            self.catch_up_to = None
-        # Wait in short slices so that stop() takes effect promptly.
-        woke = False
-        deadline = time.monotonic() + self.worker.poll_interval
-        while not woke and not self.worker.stop_event.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for _ in conn.notifies(timeout=min(remaining, 0.2), stop_after=1):
-                woke = True
-        if woke:
-            self.catch_up_to = _xid(conn, "pg_snapshot_xmax")
-            self.catch_up_until = time.monotonic() + self.worker.poll_interval
-            self.catch_up_pause = 0.002
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-
-
-def _xid(conn: psycopg.Connection[Any], bound: str) -> int:
-    row = conn.execute(f"SELECT {bound}(pg_current_snapshot())::text").fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _dsn_of(client: Client) -> str | None:
