@@ -158,24 +158,3 @@ def test_each_migration_records_itself(extra_db: Callable[[], str], psql: Psql) 
         assert recorded(target)[-1] == (number, name)
         assert len(recorded(target)) == number
     assert meowmx.install(target) == []
-
-
-# Function settings ------------------------------------------------------------------------
-
-
-def test_every_function_pins_its_search_path(dsn: str) -> None:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT p.oid::regprocedure::text, l.lanname, p.proconfig, p.prosqlbody IS NOT NULL"
-            " FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang"
-            " WHERE p.pronamespace = 'meowmx'::regnamespace"
-        ).fetchall()
-    assert len(rows) > 10
-    unpinned = [
-        signature
-        for signature, language, config, sql_standard_body in rows
-        if "search_path=pg_catalog, pg_temp" not in (config or [])
-        # A SQL-standard body (RETURN/BEGIN ATOMIC) binds its names at creation.
-        and not (language == "sql" and sql_standard_body)
-    ]
-    assert unpinned == []
