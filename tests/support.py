@@ -44,6 +44,8 @@ EVENT_COLUMNS = [
     "recorded_at",
     "cursor",
 ]
+# The ones meowmx.events stores (a cursor is made from transaction_id and position).
+STORED_EVENT_COLUMNS = [column for column in EVENT_COLUMNS if column != "cursor"]
 
 
 def scalar(conn: Connection, sql: str, params: Any = ()) -> Any:
@@ -51,6 +53,24 @@ def scalar(conn: Connection, sql: str, params: Any = ()) -> Any:
     row = conn.execute(sql, params).fetchone()
     assert row is not None
     return row[0]
+
+
+def fingerprint(conn: Connection) -> dict[str, Any]:
+    """A hash of every row of every meowmx table (found in the catalog, so a new table
+    counts too): equal before and after a call that wrote nothing. Sequences are left
+    out: a failed call may use up a position, which is allowed."""
+    tables = conn.execute(
+        "SELECT c.oid::regclass::text FROM pg_catalog.pg_class AS c"
+        " WHERE c.relnamespace = 'meowmx'::regnamespace AND c.relkind IN ('r', 'p') ORDER BY 1"
+    ).fetchall()
+    return {
+        table: conn.execute(
+            # A sum of row hashes: no sort, and the order rows are stored in does not matter.
+            f"SELECT pg_catalog.count(*), pg_catalog.sum(pg_catalog.hashtextextended(t::text, 0))"
+            f" FROM {table} AS t"
+        ).fetchone()
+        for (table,) in tables
+    }
 
 
 def event_count(conn: Connection) -> int:

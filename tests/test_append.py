@@ -1,7 +1,8 @@
 """Appends through the Python Client and through SQL with named arguments.
 
 Versions, expected_version, atomic batches, idempotent retries, event ids, stream ids,
-metadata, and appends that join the caller's own transaction.
+metadata, and appends that join the caller's own transaction. Malformed input is in
+test_bad_input.py's catalogue.
 """
 
 from __future__ import annotations
@@ -202,26 +203,6 @@ def test_expected_and_actual_do_not_depend_on_the_stream_id(
 
 # Atomic batches ---------------------------------------------------------------------------
 
-BAD_BATCH_MEMBERS = [
-    pytest.param(NewEvent("Bad", ["not", "an", "object"]), id="data-is-array"),  # type: ignore[arg-type]
-    pytest.param(NewEvent("", {}), id="empty-type"),
-    pytest.param(NewEvent("x" * 256, {}), id="type-too-long"),
-    pytest.param(NewEvent("Bad", {}, metadata=[1]), id="metadata-is-array"),  # type: ignore[arg-type]
-]
-
-
-@pytest.mark.parametrize("bad", BAD_BATCH_MEMBERS)
-def test_a_bad_event_fails_the_whole_batch(
-    api: Any, db: psycopg.Connection[Any], bad: NewEvent
-) -> None:
-    seed(db, "cart", "1", 2)
-    count = event_count(db)
-    with raises_meowmx(meowmx.InvalidEvents) as info:
-        api.append_many("cart", "1", [*new_events(2), bad, *new_events(1)], expected_version=2)
-    assert "event 3" in (info.value.detail or ""), "the detail names the bad element"
-    assert event_count(db) == count
-    assert stream_versions(db, "cart", "1") == [1, 2]
-
 
 def test_a_batch_whose_last_id_is_taken_writes_nothing(
     api: Any, db: psycopg.Connection[Any]
@@ -331,14 +312,6 @@ def test_a_partial_retry_is_refused(
         api.append_many("cart", "1", retry(a, b, new))
     assert event_count(db) == count
     assert stream_version(db, "cart", "1") == 2
-
-
-def test_a_duplicate_id_in_one_batch_is_refused(api: Any, db: psycopg.Connection[Any]) -> None:
-    event_id = uuid.uuid4()
-    batch = [NewEvent("Added", {"n": 1}, id=event_id), NewEvent("Added", {"n": 2}, id=event_id)]
-    with raises_meowmx(meowmx.InvalidEvents):
-        api.append_many("cart", "1", batch)
-    assert event_count(db) == 0
 
 
 # Stream ids, data and metadata ------------------------------------------------------------

@@ -199,24 +199,3 @@ def test_each_upgrade_records_itself(extra_db: Callable[[], str], psql: Psql) ->
 def test_the_control_file_names_the_latest_version() -> None:
     control = sql_dir().joinpath("meowmx.control").read_text(encoding="utf-8")
     assert f"default_version = '{meowmx.latest_version()}'" in control
-
-
-# Function settings ------------------------------------------------------------------------
-
-
-def test_every_function_pins_its_search_path(dsn: str) -> None:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT p.oid::regprocedure::text, l.lanname, p.proconfig, p.prosqlbody IS NOT NULL"
-            " FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang"
-            " WHERE p.pronamespace = 'meowmx'::regnamespace"
-        ).fetchall()
-    assert len(rows) > 10
-    unpinned = [
-        signature
-        for signature, language, config, sql_standard_body in rows
-        if "search_path=pg_catalog, pg_temp" not in (config or [])
-        # A SQL-standard body (RETURN/BEGIN ATOMIC) binds its names at creation.
-        and not (language == "sql" and sql_standard_body)
-    ]
-    assert unpinned == []

@@ -2,8 +2,8 @@
 
 The four group roles are cluster-wide, so each test makes LOGIN roles of its own
 (unique names) that are members of them, connects as those (trust auth), and drops
-them afterwards. Objects planted in schema public, with public first on the caller's
-search_path, must change nothing that a meowmx function does.
+them afterwards. Look-alike objects planted in schema public and pg_temp, with public
+first on the caller's search_path, must never be used by a meowmx function.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 import meowmx
-from support import call_sql, event_count, wait_for_horizon
+from support import call_sql, event_count, fingerprint, wait_for_horizon
+from test_bad_input import CASES, MORE_VALID, VALID, build_world, resolve
 
 Connection = psycopg.Connection[Any]
 
@@ -499,35 +500,22 @@ def test_install_by_a_database_owner_without_superuser(
         owner.execute("DROP SCHEMA meowmx CASCADE")
 
 
-# Functions and operators -----------------------------------------------------------
+# Functions run as their owner, with a pinned search_path ---------------------------
 
 SETTINGS_SEARCH_PATH = "search_path=pg_catalog, pg_temp"
 
 
-def test_every_function_pins_search_path_or_binds_at_creation(
-    connect: Callable[..., Connection],
-) -> None:
-    conn = connect()
-    rows = conn.execute(
-        "SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.proconfig,"
-        " l.lanname, p.prosqlbody IS NOT NULL, p.prosecdef"
-        " FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang"
-        " WHERE p.pronamespace = 'meowmx'::regnamespace ORDER BY 1, 2"
-    ).fetchall()
-    assert len(rows) >= len(PUBLIC_FUNCTIONS)
-    unpinned = [
-        (name, args)
-        for name, args, config, language, standard_body, _ in rows
-        if SETTINGS_SEARCH_PATH not in (config or []) and not (language == "sql" and standard_body)
-    ]
-    assert unpinned == [], "functions without a pinned search_path"
-    invoker = sorted(
-        name for name, _, _, _, _, definer in rows if not name.startswith("_") and not definer
+def test_public_functions_run_as_their_owner(connect: Callable[..., Connection]) -> None:
+    """So roles reach the tables only through them (horizon_blockers reads only
+    pg_stat_activity, as the caller)."""
+    invoker = connect().execute(
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'meowmx'::regnamespace"
+        " AND proname !~ '^_' AND NOT prosecdef ORDER BY 1"
     )
-    assert invoker == ["horizon_blockers"], "public functions run as their owner"
+    assert invoker.fetchall() == [("horizon_blockers",)]
 
 
-# Objects planted in schema public must change nothing ------------------------------------
+# Look-alikes planted on the caller's search_path are never used -------------------------
 
 _RAISE = "BEGIN RAISE EXCEPTION 'planted object % called', {label} USING ERRCODE = 'ZZ999'; END"
 
@@ -594,15 +582,6 @@ PLANTED_OPERATORS = [
     (">", "interval", "interval"),
 ]
 
-PLANTED_TABLES = (
-    "events",
-    "subscriptions",
-    "subscription_partitions",
-    "parked_events",
-    "snapshots",
-    "migrations",
-)
-
 
 def plant(conn: Connection) -> None:
     """As a superuser, plant look-alikes of what meowmx uses in schema public."""
@@ -637,244 +616,126 @@ def plant(conn: Connection) -> None:
             f"CREATE FUNCTION {step}({step_args}) RETURNS {stype} LANGUAGE plpgsql AS $p${body}$p$"
         )
         conn.execute(f"CREATE AGGREGATE public.{name}({arg}) (SFUNC = {step}, STYPE = {stype})")
-    for table in PLANTED_TABLES:
-        conn.execute(f"CREATE TABLE public.{table} (position bigint, name text, version bigint)")
-        conn.execute(f"INSERT INTO public.{table} VALUES (1, 'planted', 99)")
+    body = _RAISE.format(label="relation")
+    conn.execute(
+        "CREATE FUNCTION public.planted_relation(relation text) RETURNS boolean"
+        f" LANGUAGE plpgsql AS $p${body}$p$"
+    )
 
 
-def _sqlstate_of(conn: Connection, query: str, params: dict[str, Any]) -> tuple[str | None, str]:
+def plant_relations(conn: Connection, names: list[str], *, temp: bool) -> None:
+    """Views named like meowmx's relations (and so types too), in public or pg_temp;
+    reading one raises."""
+    for name in names:
+        conn.execute(
+            sql.SQL(
+                "CREATE {kind} {name} AS SELECT 1::bigint AS position, 'planted'::text AS name,"
+                " 99::bigint AS version WHERE public.planted_relation({label})"
+            ).format(
+                kind=sql.SQL("TEMP VIEW" if temp else "VIEW"),
+                name=sql.Identifier(name) if temp else sql.Identifier("public", name),
+                label=sql.Literal(name),
+            )
+        )
+
+
+# Each kind of look-alike, called unqualified where it wins over pg_catalog.
+PROBES = [
+    "SELECT md5('x')",
+    "SELECT 'a'::text = 'b'::text",
+    "SELECT count(*) FROM (VALUES (1)) AS v (x)",
+    "SELECT * FROM unnest(ARRAY[1])",
+    "SELECT * FROM events",  # pg_temp, searched first for relations
+    "SELECT * FROM public.subscriptions",
+]
+
+
+def outcome(conn: Connection, function: str, args: dict[str, Any]) -> tuple[Any, ...]:
+    """("ok",) or (SQLSTATE, DETAIL) of one call, in a transaction that is rolled back."""
     try:
-        conn.execute(query, params)
+        with conn.transaction(force_rollback=True):
+            call_sql(conn, function, **args)
     except psycopg.Error as error:
-        return error.sqlstate, error.diag.message_detail or ""
-    return None, ""
+        return error.sqlstate, error.diag.message_detail
+    return ("ok",)
 
 
-def scenario(conn: Connection, observer: Connection) -> list[Any]:
-    """Append, read, subscribe, claim, ack, nack, park, requeue, delete: everything that
-    comes back, without the values that differ between databases (transaction ids,
-    times, and the cursors that contain transaction ids). ``observer`` (a connection
-    with the default search_path) waits for the read horizon."""
-    out: list[Any] = []
-    ids = [uuid.UUID(int=n) for n in range(1, 10)]
-
-    def call(function: str, columns: str = "*", **named: Any) -> list[Any]:
-        rows = call_sql(conn, function, columns, **named)
-        out.append((function, rows))
-        return rows
-
-    event_columns = "position, category, stream_id, version, event_type, data, metadata, event_id"
-    call(
-        "append_event",
-        category="acct",
-        stream_id="1",
-        event_type="Opened",
-        data={"owner": "tom"},
-        expected_version=0,
-        metadata={"by": "test"},
-        event_id=ids[0],
-    )
-    call(
-        "append_events",
-        category="acct",
-        stream_id="1",
-        expected_version=1,
-        events=Jsonb(
-            [
-                {"type": "Deposited", "data": {"n": 1}, "id": str(ids[1])},
-                {"type": "Deposited", "data": {"n": 2}, "metadata": {"m": 1}, "id": str(ids[2])},
-            ]
-        ),
-    )
-    for stream in ("2", "3", "4", "5", "6"):
-        call("append_event", category="acct", stream_id=stream, event_type="Opened", data={})
-    call("append_event", category="acct", stream_id="3", event_type="Poison", data={})
-    call("append_event", category="other", stream_id="1", event_type="Opened", data={})
-    # An idempotent retry returns the first result.
-    call(
-        "append_event",
-        category="acct",
-        stream_id="1",
-        event_type="Opened",
-        data={},
-        event_id=ids[0],
-    )
-    out.append(
-        _sqlstate_of(
-            conn,
-            "SELECT meowmx.append_event(category => 'acct', stream_id => '1',"
-            " event_type => 'X', data => '{}', expected_version => %(v)s)",
-            {"v": 7},
-        )
-    )
-    out.append(
-        _sqlstate_of(
-            conn,
-            "SELECT meowmx.append_events(category => 'acct', stream_id => '1', events => %(e)s)",
-            {"e": Jsonb([{"type": "A", "data": {}}, {"type": "", "data": {}}])},
-        )
-    )
-    out.append(
-        _sqlstate_of(
-            conn,
-            "SELECT meowmx.append_event(category => %(c)s, stream_id => '1',"
-            " event_type => 'X', data => '{}')",
-            {"c": "x" * 300},
-        )
-    )
-    out.append(_sqlstate_of(conn, "SELECT * FROM meowmx.read_events(after => %(a)s)", {"a": "1:"}))
-    out.append(
-        _sqlstate_of(
-            conn,
-            "SELECT meowmx.append_event(category => 'other', stream_id => '2',"
-            " event_type => 'X', data => '{}', event_id => %(id)s)",
-            {"id": ids[1]},
-        )
-    )
-    call("stream_version", category="acct", stream_id="1")
-    call("read_stream", event_columns, category="acct", stream_id="1")
-    call(
-        "read_stream", event_columns, category="acct", stream_id="1", from_version=2, backwards=True
-    )
-    wait_for_horizon(observer)
-    call("read_events", event_columns)
-    call("read_events", event_columns, categories=["acct"], event_types=["Opened"], max_count=3)
-    call("read_events", event_columns, event_types=["Deposited"])
-    call("list_streams", category="acct", after="2", max_count=3)
-    call("save_snapshot", category="acct", stream_id="1", version=2, state={"balance": 1})
-    call("load_snapshot", "version, state", category="acct", stream_id="1")
-    call("load_snapshot", "version, state", category="acct", stream_id="1", max_version=1)
-
-    call("create_subscription", name="sub", categories=["acct"], partitions=4, max_attempts=2)
-    call("create_subscription", name="sub", categories=["acct"], partitions=4, max_attempts=2)
-    out.append(
-        _sqlstate_of(
-            conn,
-            "SELECT meowmx.create_subscription(name => 'sub', partitions => %(p)s)",
-            {"p": 3},
-        )
-    )
-    delivered: dict[int, list[int]] = {}
-    for _ in range(100):
-        batch = call_sql(
-            conn, "claim_batch", "partition, position, event_type", subscription="sub", worker="w",
-            max_count=2,
-        )  # fmt: skip
-        if not batch:
-            break
-        for partition, position, _ in batch:
-            delivered.setdefault(partition, []).append(position)
-        poison = [row for row in batch if row[2] == "Poison"]
-        if poison:
-            partition, position, _ = poison[0]
-            call_sql(
-                conn, "nack", subscription="sub", worker="w", partition=partition,
-                event_position=position, error="poison",
-            )  # fmt: skip
-        else:
-            partition, position, _ = batch[-1]
-            call_sql(
-                conn, "ack", subscription="sub", worker="w", partition=partition,
-                event_position=position,
-            )  # fmt: skip
-    out.append(sorted(delivered.items()))
-    status = call_sql(
-        conn,
-        "subscription_status",
-        "partition, split_part(checkpoint, ':', 2), events_behind, lease_owner, attempts,"
-        " last_error, parked",
-        name="sub",
-    )
-    out.append(status)
-    parked = call("list_parked", "partition, position, category, stream_id, version, event_type,"
-                  " attempts, error", subscription="sub")  # fmt: skip
-    assert len(parked) == 1
-    call("requeue_parked", subscription="sub", event_position=parked[0][1])
-    out.append(
-        _sqlstate_of(
-            conn, "SELECT meowmx.requeue_parked(subscription => 'sub', event_position => 1)", {}
-        )
-    )
-    again = call_sql(conn, "claim_batch", "partition, position", subscription="sub", worker="w")
-    out.append(again)
-    call("release", subscription="sub", worker="w")
-    call("reset_subscription", name="sub", start_at="beginning")
-    call("subscription_status", "partition, checkpoint, events_behind, lease_owner", name="sub")
-    call("delete_stream", category="acct", stream_id="1", before_version=2)
-    call("read_stream", "version, event_type", category="acct", stream_id="1")
-    call("delete_stream", category="acct", stream_id="2")
-    call("list_streams", category="acct")
-    call("drop_subscription", name="sub")
-    call("drop_subscription", name="sub")
-    call_sql(conn, "horizon_blockers")  # rows depend on other sessions; it must just run
-    call("version")
-    return out
-
-
-def test_planted_objects_change_nothing(extra_db: Callable[[], str], psql: Any) -> None:
-    """The same calls give the same results with and without look-alike functions,
-    operators and tables in schema public, first on the caller's search_path; none of
-    the planted objects is ever called (each would raise ZZ999). Planted before the
-    install too, so the functions cannot bind to them when created."""
-    clean_dsn, planted_dsn = extra_db(), extra_db()
-    meowmx.install(clean_dsn)
-    with (
-        psycopg.connect(clean_dsn, autocommit=True) as conn,
-        psycopg.connect(clean_dsn, autocommit=True) as observer,
-    ):
-        conn.execute("SET search_path = public, pg_catalog")
-        expected = scenario(conn, observer)
-
-    with psycopg.connect(planted_dsn, autocommit=True) as conn:
+def test_look_alikes_on_the_search_path_are_never_used(
+    dsn: str, extra_db: Callable[[], str]
+) -> None:
+    """Every meowmx function (read from pg_proc, so a new one is covered too) pins its
+    search_path or has a SQL-standard body, bound when created. And with look-alike
+    functions, operators, aggregates and relations first on the caller's search_path,
+    each public function answers its valid call and every catalogued bad call exactly
+    as it does without them, for the owner and for a member of meowmx_admin; the
+    look-alikes raise ZZ999 if used. Planted before the install too, so the functions
+    cannot bind to them when created. The calls are test_bad_input.py's: VALID and
+    MORE_VALID (the paths of success) and CASES (the paths of failure)."""
+    with psycopg.connect(dsn) as conn:
+        relations = [
+            row[0]
+            for row in conn.execute(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'meowmx'::regnamespace"
+                " AND relkind IN ('r', 'p', 'v', 'm', 'S', 'c') ORDER BY 1"
+            )
+        ]
+    target = extra_db()
+    with psycopg.connect(target, autocommit=True) as conn:
         plant(conn)
-    meowmx.install(planted_dsn)
+        plant_relations(conn, relations, temp=False)
+    meowmx.install(target)
     with (
-        psycopg.connect(planted_dsn, autocommit=True) as conn,
-        psycopg.connect(planted_dsn, autocommit=True) as observer,
+        psycopg.connect(target, autocommit=True) as plain,
+        psycopg.connect(target, autocommit=True) as hijacked,
     ):
-        conn.execute("SET search_path = public, pg_catalog")
-        conn.execute("CREATE TEMP TABLE events (position bigint)")
-        conn.execute("CREATE TEMP TABLE subscription_partitions (partition integer)")
-        # The planted objects are live for this session: unqualified names hit them.
-        with pytest.raises(psycopg.Error) as info:
-            conn.execute("SELECT md5('x')")
-        assert info.value.sqlstate == "ZZ999"
-        for probe in (
-            "SELECT 'a'::text = 'b'::text",
-            "SELECT count(*) FROM (VALUES (1)) AS v (x)",
-            "SELECT * FROM unnest(ARRAY[1])",
-        ):
+        ctx = build_world(plain)
+        hijacked.execute("SET search_path = public, pg_catalog")
+        plant_relations(hijacked, relations, temp=True)
+        for probe in PROBES:  # the look-alikes are live for this session
             with pytest.raises(psycopg.Error) as info:
-                conn.execute(probe)
+                hijacked.execute(probe)
             assert info.value.sqlstate == "ZZ999", probe
-        got = scenario(conn, observer)
-    assert got == expected
 
-    # And for a member of the roles, whose calls run as the owner.
-    with psycopg.connect(planted_dsn, autocommit=True) as conn:
-        conn.execute("SET search_path = public, pg_catalog")
-        conn.execute("SET ROLE meowmx_admin")
-        rows = call_sql(
-            conn, "append_event", "version", category="acct", stream_id="7", event_type="A",
-            data={},
-        )  # fmt: skip
-        assert rows == [(1,)]
-        assert call_sql(conn, "stream_version", category="acct", stream_id="7") == [(1,)]
-        conn.execute("RESET ROLE")
-    # psql, where people call the functions by hand.
-    done = psql(
-        "SET search_path = public, pg_catalog;\n"
-        "SELECT version FROM meowmx.append_event(category => 'acct', stream_id => '7',"
-        " event_type => 'B', data => '{}', expected_version => 1);\n",
-        planted_dsn,
-    )
-    assert done.stdout.strip().splitlines()[-1] == "2"
+        functions = plain.execute(
+            "SELECT p.oid::regprocedure::text, p.proname, l.lanname = 'sql' AND p.prosqlbody"
+            " IS NOT NULL, coalesce(p.proconfig, '{}') FROM pg_proc AS p"
+            " JOIN pg_language AS l ON l.oid = p.prolang"
+            " WHERE p.pronamespace = 'meowmx'::regnamespace ORDER BY 1"
+        ).fetchall()
+        assert {name for _, name, _, _ in functions} >= PUBLIC_FUNCTIONS
+        before = fingerprint(plain)
+        wrong = []
+        for signature, name, bound_at_creation, config in functions:
+            if SETTINGS_SEARCH_PATH not in config and not bound_at_creation:
+                wrong.append(f"{signature}: search_path not pinned")
+            if name.startswith("_"):
+                continue  # private helpers run only inside the public functions
+            if name not in VALID:
+                wrong.append(f"{signature}: no valid call in test_bad_input.VALID")
+                continue
+            calls = [
+                (VALID[name], "ok"),
+                *((args, "ok") for function, args, _ in MORE_VALID if function == name),
+                *((case.args, case.sqlstate) for case in CASES if case.function == name),
+            ]
+            for args, expected in ((resolve(args, ctx), expected) for args, expected in calls):
+                # On the default search_path, as the catalogue says (a function bound to a
+                # look-alike when created would fail here too, with ZZ999).
+                want = outcome(plain, name, args)
+                if want[0] != expected:
+                    wrong.append(f"{name}({list(args)}): {want}, not {expected}")
+                for role in ("owner", "meowmx_admin"):
+                    hijacked.execute("RESET ROLE" if role == "owner" else f"SET ROLE {role}")
+                    got = outcome(hijacked, name, args)
+                    if got != want:
+                        wrong.append(f"{name}({list(args)}) as {role}: {got}, not {want}")
+        assert wrong == []
+        assert fingerprint(plain) == before
 
-    # The check has teeth: a helper without its pinned search_path does hit them.
-    with psycopg.connect(planted_dsn, autocommit=True) as conn:
+    # The check has teeth: a function without its pinned search_path does use them.
+    with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("ALTER FUNCTION meowmx.stream_version(text, text) RESET search_path")
-    with psycopg.connect(planted_dsn, autocommit=True) as conn:
         conn.execute("SET search_path = public, pg_catalog")
         with pytest.raises(psycopg.Error) as info:
-            call_sql(conn, "stream_version", category="acct", stream_id="7")
+            call_sql(conn, "stream_version", category="cart", stream_id="1")
         assert info.value.sqlstate == "ZZ999"

@@ -1,9 +1,10 @@
 """Subscriptions through SQL (named arguments, psql) and the Client, with several connections.
 
-Definitions, argument checks, claims of one partition in commit order, acks and
+Definitions, claims of one partition in commit order, acks and
 checkpoints, leases and fencing, nack / retry / parking / requeue, start places and
 resets, lag, late-committing writers, horizon blockers, and index use on a rare category.
 No timing assertions: waits poll, and leases that must expire are kept short.
+Bad arguments are in test_bad_input.py's catalogue.
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from psycopg.types.json import Jsonb
 
 from meowmx import Client
 from meowmx.errors import (
-    InvalidSubscriptionArgument,
     LeaseLost,
     NotInBatch,
-    NotParked,
     SubscriptionConflict,
-    SubscriptionNotFound,
 )
 from support import call_sql, raises_meowmx, scalar, wait_for_horizon, wait_until
 
@@ -173,12 +171,6 @@ def state(conn: Connection) -> list[Any]:
     ]
 
 
-def sqlstate(conn: Connection, sql: str, params: Any = ()) -> str | None:
-    with pytest.raises(psycopg.Error) as info:
-        conn.execute(sql, params)
-    return info.value.sqlstate
-
-
 # Definitions ---------------------------------------------------------------------
 
 
@@ -219,93 +211,6 @@ def test_create_is_idempotent_and_a_different_definition_conflicts(
     # A different name is a different subscription.
     assert client.create_subscription("other", partitions=2) is True
     assert sorted(status(conn, "other")) == [0, 1]
-
-
-def test_bad_arguments_get_their_sqlstate_and_change_nothing(conn: Connection) -> None:
-    create(conn, partitions=2, max_attempts=3)
-    [first] = append(conn, "s1")
-    wait_for_horizon(conn)
-    [row] = claim(conn, "w1")
-    before = state(conn)
-    named = "subscription => %s, worker => %s, partition => %s, event_position => %s"
-    cases: list[tuple[str, list[Any], str]] = [
-        # unknown subscription
-        ("SELECT * FROM meowmx.claim_batch(subscription => 'nope', worker => 'w1')", [], "MX020"),
-        (f"SELECT meowmx.ack({named})", ["nope", "w1", 0, first], "MX020"),
-        (f"SELECT meowmx.nack({named}, error => 'x')", ["nope", "w1", 0, first], "MX020"),
-        ("SELECT meowmx.release(subscription => 'nope', worker => 'w1')", [], "MX020"),
-        ("SELECT * FROM meowmx.subscription_status(name => 'nope')", [], "MX020"),
-        ("SELECT * FROM meowmx.list_parked(subscription => 'nope')", [], "MX020"),
-        ("SELECT meowmx.requeue_parked(subscription => 'nope', event_position => 1)", [], "MX020"),
-        ("SELECT meowmx.reset_subscription(name => 'nope')", [], "MX020"),
-        # definitions out of range
-        ("SELECT meowmx.create_subscription(name => 'x', partitions => 0)", [], "MX024"),
-        ("SELECT meowmx.create_subscription(name => 'x', partitions => 1025)", [], "MX024"),
-        ("SELECT meowmx.create_subscription(name => 'x', partitions => NULL)", [], "MX024"),
-        ("SELECT meowmx.create_subscription(name => 'x', max_attempts => 0)", [], "MX024"),
-        ("SELECT meowmx.create_subscription(name => '')", [], "MX024"),
-        ("SELECT meowmx.create_subscription(name => 'x', start_at => 'yesterday')", [], "MX015"),
-        ("SELECT meowmx.create_subscription(name => 'x', start_at => '12')", [], "MX015"),
-        ("SELECT meowmx.create_subscription(name => 'x', categories => '{}')", [], "MX018"),
-        ("SELECT meowmx.create_subscription(name => 'x', event_types => '{\"\"}')", [], "MX018"),
-        (f"SELECT meowmx.reset_subscription(name => '{SUB}', start_at => 'later')", [], "MX015"),
-        # work calls out of range
-        (f"SELECT * FROM meowmx.claim_batch(subscription => '{SUB}', worker => '')", [], "MX024"),
-        (f"SELECT * FROM meowmx.claim_batch(subscription => '{SUB}', worker => NULL)", [], "MX024"),
-        (
-            f"SELECT * FROM meowmx.claim_batch(subscription => '{SUB}', worker => 'w2',"
-            " lease => '0')",
-            [],
-            "MX024",
-        ),
-        (
-            f"SELECT * FROM meowmx.claim_batch(subscription => '{SUB}', worker => 'w2',"
-            " lease => '-1 second')",
-            [],
-            "MX024",
-        ),
-        (
-            f"SELECT * FROM meowmx.claim_batch(subscription => '{SUB}', worker => 'w2',"
-            " max_count => 0)",
-            [],
-            "MX014",
-        ),
-        (f"SELECT meowmx.ack({named})", [SUB, "", row.partition, first], "MX024"),
-        (f"SELECT meowmx.ack({named})", [SUB, "w1", 7, first], "MX024"),
-        (
-            f"SELECT meowmx.nack({named}, error => 'x', retry_after => '-1 second')",
-            [SUB, "w1", row.partition, first],
-            "MX024",
-        ),
-        (f"SELECT meowmx.release(subscription => '{SUB}', worker => '')", [], "MX024"),
-        (
-            f"SELECT meowmx.requeue_parked(subscription => '{SUB}', event_position => %s)",
-            [first],
-            "MX025",
-        ),
-    ]
-    wrong = []
-    for sql, params, expected in cases:
-        got = sqlstate(conn, sql, params)
-        if got != expected:
-            wrong.append(f"{sql} {params}: {got}, expected {expected}")
-    assert not wrong, "\n".join(wrong)
-    assert state(conn) == before
-    assert call_sql(conn, "version")  # the connection is fine after all those errors
-
-
-def test_typed_errors_from_the_client(conn: Connection, clients: Callable[[], Client]) -> None:
-    client = clients()
-    with raises_meowmx(SubscriptionNotFound):
-        client.claim_batch("nope", "w1")
-    with raises_meowmx(InvalidSubscriptionArgument):
-        client.create_subscription(SUB, partitions=1025)
-    client.create_subscription(SUB)
-    with raises_meowmx(InvalidSubscriptionArgument):
-        client.claim_batch(SUB, "w1", lease=timedelta(0))
-    with raises_meowmx(NotParked):
-        client.requeue_parked(SUB, 1)
-    assert client.list_parked(SUB) == []
 
 
 # Claims --------------------------------------------------------------------------

@@ -18,13 +18,14 @@ from psycopg.types.json import Jsonb
 
 import meowmx
 from catalog import catalog_of, differences
-from support import call_sql, wait_for_horizon
+from support import STORED_EVENT_COLUMNS, call_sql, wait_for_horizon
 
 Connection = psycopg.Connection[Any]
 
 LATEST = meowmx.latest_version()
 EARLIER = list(range(1, LATEST))
 SUBSCRIBED = ["acct", "order"]  # the categories of the subscription; "misc" is not in it
+STORED = ", ".join(STORED_EVENT_COLUMNS)  # what an upgrade must keep of each event
 
 
 def install_version(psql: Any, target: str, version: int) -> None:
@@ -142,10 +143,7 @@ def run_subscription(conn: Connection) -> Progress:
 def record(conn: Connection, version: int) -> dict[str, Any]:
     """Everything stored that an upgrade must keep."""
     state: dict[str, Any] = {
-        "events": conn.execute(
-            "SELECT position, transaction_id::text, category, stream_id, version, event_type,"
-            " data, metadata, event_id, recorded_at FROM meowmx.events ORDER BY position"
-        ).fetchall(),
+        "events": conn.execute(f"SELECT {STORED} FROM meowmx.events ORDER BY position").fetchall(),
         "versions": conn.execute(
             "SELECT category, stream_id, meowmx.stream_version(category, stream_id)"
             " FROM meowmx.events GROUP BY category, stream_id ORDER BY 1, 2"
@@ -310,9 +308,7 @@ def test_upgrade_keeps_data_and_works(k: int, extra_db: Callable[[], str], psql:
         assert call_sql(conn, "delete_stream", category="order", stream_id="A") == [(2,)]
         assert call_sql(conn, "stream_version", category="order", stream_id="A") == [(0,)]
         kept = conn.execute(
-            "SELECT position, transaction_id::text, category, stream_id, version, event_type,"
-            " data, metadata, event_id, recorded_at FROM meowmx.events"
-            " WHERE position <= %s ORDER BY position",
+            f"SELECT {STORED} FROM meowmx.events WHERE position <= %s ORDER BY position",
             [old_events[-1][0]],
         ).fetchall()
         gone = {(r[2], r[3], r[4]) for r in old_events} - {(r[2], r[3], r[4]) for r in kept}
