@@ -200,6 +200,13 @@ class InvalidSnapshotState(MeowmxError):
     sqlstate = "MX032"
 
 
+class LogFromAnotherCluster(MeowmxError):
+    """The event log was restored or replicated from another cluster and not adopted
+    yet: run ``meowmx install`` or ``SELECT meowmx.adopt_cluster()`` as the owner."""
+
+    sqlstate = "MX050"
+
+
 class SchemaTooNew(MeowmxError):
     """The database holds a newer meowmx schema than this package knows."""
 

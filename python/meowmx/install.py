@@ -32,6 +32,15 @@ _INSTALL_LOCK = (
 )
 
 
+# A database restored or replicated from another cluster needs this once (a no-op
+# elsewhere): the upgrade scripts end with it, and install() runs it every time.
+_ADOPT_SINCE = 5
+_ADOPT = (
+    "\n-- After a restore or replication into another cluster (a no-op otherwise):\n"
+    "SELECT meowmx.adopt_cluster();\n"
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One frozen upgrade: what a database at `version - 1` runs to reach `version`."""
@@ -80,10 +89,12 @@ def script(after: int | None = None, upto: int | None = None) -> str:
         return header + "\n".join(f"-- schema/{name}\n{text}" for name, text in schema_files())
     after = after or 0
     chosen = [m for m in migrations() if after < m.version <= upto]
+    adopt = _ADOPT if upto >= _ADOPT_SINCE else ""
     if not chosen:
-        return f"-- meowmx schema: nothing to apply after version {after}\n"
+        return f"-- meowmx schema: nothing to apply after version {after}\n{adopt}"
     header = f"-- meowmx schema: upgrades {after + 1} to {upto}\n"
-    return header + "\n".join(f"-- upgrades/{m.version:04d}_{m.name}.sql\n{m.sql}" for m in chosen)
+    body = "\n".join(f"-- upgrades/{m.version:04d}_{m.name}.sql\n{m.sql}" for m in chosen)
+    return header + body + adopt
 
 
 def write_extension(directory: Path) -> list[Path]:
@@ -136,4 +147,5 @@ def install(target: Target) -> list[int]:
         pending = [m for m in migrations() if m.version not in applied]
         for migration in pending:
             conn.execute(migration.sql)
+        conn.execute("SELECT meowmx.adopt_cluster()")
         return [m.version for m in pending]

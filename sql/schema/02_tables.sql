@@ -86,6 +86,38 @@ CREATE TABLE meowmx.snapshots (
     PRIMARY KEY (category, stream_id, version)
 );
 
+-- Where this cluster's transaction ids stand against the order ids in the log. A
+-- log restored or replicated from another cluster holds ids this cluster may not
+-- have reached; meowmx.adopt_cluster() records the shift that puts new ids past
+-- them (see _order_shift). No row: no shift.
+CREATE TABLE meowmx.order_shift (
+    one_row boolean PRIMARY KEY DEFAULT TRUE CHECK (one_row),
+    shift numeric NOT NULL CHECK (shift > 0),
+    adopted_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Inside CREATE EXTENSION (the tables belong to the extension), pg_dump dumps only
+-- the definitions, and the rows of the tables marked here; CREATE EXTENSION writes
+-- meowmx.migrations itself. A plain install needs nothing: pg_dump dumps it all.
+DO $$
+BEGIN
+    IF EXISTS (
+        SELECT FROM pg_catalog.pg_depend AS d
+        WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+            AND d.objid = 'meowmx.events'::pg_catalog.regclass
+            AND d.deptype = 'e'
+    ) THEN
+        PERFORM pg_catalog.pg_extension_config_dump('meowmx.events', '');
+        PERFORM pg_catalog.pg_extension_config_dump('meowmx.events_position_seq', '');
+        PERFORM pg_catalog.pg_extension_config_dump('meowmx.subscriptions', '');
+        PERFORM pg_catalog.pg_extension_config_dump('meowmx.subscription_partitions', '');
+        PERFORM pg_catalog.pg_extension_config_dump('meowmx.parked_events', '');
+        PERFORM pg_catalog.pg_extension_config_dump('meowmx.snapshots', '');
+        PERFORM pg_catalog.pg_extension_config_dump('meowmx.order_shift', '');
+    END IF;
+END;
+$$;
+
 -- Row types ----------------------------------------------------------------------------
 
 CREATE TYPE meowmx.appended AS (

@@ -171,6 +171,57 @@ BEGIN
 END;
 $$;
 
+-- Order ids -------------------------------------------------------------------------------
+
+-- An order id is the appending transaction's id plus the shift in force (0 in the
+-- cluster that wrote the log). SQL-standard body: bound when created, inlined.
+CREATE FUNCTION meowmx._shifted(xid xid8, shift numeric) RETURNS xid8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN shift = 0 THEN xid ELSE (xid::text::numeric + shift)::text::xid8 END;
+
+-- The shift to add to this cluster's transaction ids. Callers ask only when the
+-- newest stored id is at or past the snapshot's xmax, which never happens where the
+-- log was written (only ended transactions are visible, and they are all below it):
+-- the log came from another cluster. Until adopt_cluster() has shifted new ids past
+-- it, reads and appends would misplace events, so they are refused.
+CREATE FUNCTION meowmx._order_shift() RETURNS numeric
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shift numeric := coalesce((SELECT s.shift FROM meowmx.order_shift AS s), 0);
+    newest xid8 := (SELECT max(e.transaction_id) FROM meowmx.events AS e);
+BEGIN
+    -- This transaction's own appends may be newer than its snapshot's xmax.
+    IF newest >= meowmx._shifted(pg_snapshot_xmax(pg_current_snapshot()), shift)
+        AND newest IS DISTINCT FROM meowmx._shifted(pg_current_xact_id_if_assigned(), shift)
+        THEN
+        PERFORM meowmx._fail('MX050', 'the event log comes from another cluster',
+            format('the newest stored order id is %s; this cluster''s transaction ids are '
+                'below %s', newest, pg_snapshot_xmax(pg_current_snapshot())),
+            'After a restore or a logical-replication copy, run meowmx install, or '
+            'SELECT meowmx.adopt_cluster() as the schema owner.',
+            jsonb_build_object('newest', newest::text, 'shift', shift));
+    END IF;
+    RETURN shift;
+END;
+$$;
+
+-- What reads deliver up to, as an order id: the oldest transaction still running
+-- anywhere in the cluster (shifted). An event that commits late is never skipped.
+CREATE FUNCTION meowmx._horizon() RETURNS xid8
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF (SELECT max(e.transaction_id) FROM meowmx.events AS e)
+        >= pg_snapshot_xmax(pg_current_snapshot()) THEN
+        RETURN meowmx._shifted(pg_snapshot_xmin(pg_current_snapshot()), meowmx._order_shift());
+    END IF;
+    RETURN pg_snapshot_xmin(pg_current_snapshot());
+END;
+$$;
+
 -- Locks and partitions ------------------------------------------------------------------
 
 -- The advisory lock key of a stream: appenders (and deletes) of one stream take

@@ -1,27 +1,37 @@
 -- Appends: one event, or a batch of one stream, with optimistic concurrency.
 
 -- Takes the stream's lock, then returns its version after checking the
--- expected version and the transaction order. Appenders of one stream are
--- serialized by an advisory lock taken before the append assigns a
--- transaction id, so transaction ids grow with stream versions.
+-- expected version and the transaction order, and the shift of order ids (see
+-- _order_shift). Appenders of one stream are serialized by an advisory lock
+-- taken before the append assigns a transaction id, so transaction ids grow
+-- with stream versions.
 CREATE FUNCTION meowmx._lock_stream(
-    category text, stream_id text, expected_version bigint
-) RETURNS bigint
+    category text, stream_id text, expected_version bigint,
+    OUT current_version bigint, OUT shift numeric
+)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    current_version bigint;
     last_transaction_id xid8;
+    moved boolean;
 BEGIN
     PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
 
-    SELECT e.version, e.transaction_id INTO current_version, last_transaction_id
-    FROM meowmx.events AS e
-    WHERE e.category = _lock_stream.category AND e.stream_id = _lock_stream.stream_id
-    ORDER BY e.version DESC
-    LIMIT 1;
+    -- The stream's last event, and whether the log holds ids this cluster has not
+    -- reached (one statement: this is the hot path).
+    SELECT h.version, h.transaction_id, m.newest >= pg_snapshot_xmax(pg_current_snapshot())
+    INTO current_version, last_transaction_id, moved
+    FROM (SELECT max(x.transaction_id) AS newest FROM meowmx.events AS x) AS m
+    LEFT JOIN LATERAL (
+        SELECT e.version, e.transaction_id
+        FROM meowmx.events AS e
+        WHERE e.category = _lock_stream.category AND e.stream_id = _lock_stream.stream_id
+        ORDER BY e.version DESC
+        LIMIT 1
+    ) AS h ON TRUE;
     current_version := coalesce(current_version, 0);
+    shift := CASE WHEN moved THEN meowmx._order_shift() ELSE 0 END;
 
     IF expected_version IS NOT NULL AND NOT (
         (expected_version = -1 AND current_version > 0)
@@ -37,7 +47,7 @@ BEGIN
 
     -- Only a transaction that wrote before this call can hold an id older than
     -- the stream's last append; its events would sort before that append.
-    IF pg_current_xact_id_if_assigned() < last_transaction_id THEN
+    IF meowmx._shifted(pg_current_xact_id_if_assigned(), shift) < last_transaction_id THEN
         PERFORM meowmx._fail('MX004', 'transaction is older than the stream''s last append',
             format('stream %s/%s was appended to by transaction %s, which started after '
                 'this one took its transaction id %s', category, stream_id,
@@ -45,7 +55,6 @@ BEGIN
             'Retry the whole transaction, or append before writing anything else in it.',
             jsonb_build_object('category', category, 'stream_id', stream_id));
     END IF;
-    RETURN current_version;
 END;
 $$;
 
@@ -80,7 +89,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    current_version bigint;
+    head record;
     given_ids integer := cardinality(array_remove(ids, NULL));
     retry record;
 BEGIN
@@ -131,15 +140,16 @@ BEGIN
         END IF;
     END IF;
 
-    current_version := meowmx._lock_stream(category, stream_id, expected_version);
+    head := meowmx._lock_stream(category, stream_id, expected_version);
 
     IF given_ids = 0 THEN
         RETURN QUERY
         WITH inserted AS (
             INSERT INTO meowmx.events (
-                category, stream_id, version, event_type, data, metadata
+                transaction_id, category, stream_id, version, event_type, data, metadata
             )
-            SELECT _append.category, _append.stream_id, current_version + i.ord,
+            SELECT meowmx._shifted(pg_current_xact_id(), head.shift),
+                _append.category, _append.stream_id, head.current_version + i.ord,
                 i.type, i.data, i.metadata
             FROM unnest(types, _append.data, _append.metadata)
                 WITH ORDINALITY AS i (type, data, metadata, ord)
@@ -152,10 +162,12 @@ BEGIN
         RETURN QUERY
         WITH inserted AS (
             INSERT INTO meowmx.events (
-                category, stream_id, version, event_type, data, metadata, event_id
+                transaction_id, category, stream_id, version, event_type, data, metadata,
+                event_id
             )
             SELECT
-                _append.category, _append.stream_id, current_version + i.ord,
+                meowmx._shifted(pg_current_xact_id(), head.shift),
+                _append.category, _append.stream_id, head.current_version + i.ord,
                 i.type, i.data, i.metadata, i.id
             FROM unnest(types, _append.data, _append.metadata, ids)
                 WITH ORDINALITY AS i (type, data, metadata, id, ord)
@@ -190,6 +202,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     result meowmx.appended;
+    head record;
 BEGIN
     -- One inlined test on the hot path; the checks name the problem when it fails.
     IF NOT coalesce(
@@ -211,9 +224,13 @@ BEGIN
     -- The common case, without arrays or a set-returning call (a third of the
     -- cost of an append). The lock comes first, in its own statement: the
     -- INSERT assigns the transaction id.
-    result.version := meowmx._lock_stream(category, stream_id, expected_version) + 1;
-    INSERT INTO meowmx.events AS e (category, stream_id, version, event_type, data, metadata)
+    head := meowmx._lock_stream(category, stream_id, expected_version);
+    result.version := head.current_version + 1;
+    INSERT INTO meowmx.events AS e (
+        transaction_id, category, stream_id, version, event_type, data, metadata
+    )
     VALUES (
+        meowmx._shifted(pg_current_xact_id(), head.shift),
         append_event.category, append_event.stream_id, result.version,
         append_event.event_type, append_event.data, nullif(append_event.metadata, 'null')
     )

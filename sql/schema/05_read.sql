@@ -73,7 +73,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    horizon xid8 := meowmx._horizon();
     from_xid xid8 := '0';
     from_position bigint := 0;
     ranges text;
@@ -128,13 +128,27 @@ GRANT EXECUTE ON FUNCTION meowmx.read_events(text, integer, text[], text[])
 TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
 
 -- A cursor after every event readable now: reading after it returns only events
--- that commit later (every transaction still running, or newer, comes after it).
--- It is where start_at => 'end' starts, and where `meowmx tail --from-end` follows.
+-- that commit later. It is where start_at => 'end' starts, and where `meowmx tail
+-- --from-end` follows. It names the newest readable event ('0:0' in an empty log),
+-- not the horizon itself: a cursor never runs ahead of the stored order ids, so
+-- adopt_cluster() can put every new id after every cursor handed out.
 CREATE FUNCTION meowmx.end_cursor() RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-RETURN meowmx._cursor(pg_snapshot_xmin(pg_current_snapshot()), 0);
+AS $$
+DECLARE
+    horizon xid8 := meowmx._horizon();
+BEGIN
+    RETURN coalesce((
+        SELECT meowmx._cursor(e.transaction_id, e.position)
+        FROM meowmx.events AS e
+        WHERE e.transaction_id < horizon
+        ORDER BY e.transaction_id DESC, e.position DESC
+        LIMIT 1
+    ), '0:0');
+END;
+$$;
 GRANT EXECUTE ON FUNCTION meowmx.end_cursor()
 TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
 

@@ -1,4 +1,4 @@
--- Stream management and snapshots.
+-- Stream management, snapshots, and moving the store to another cluster.
 
 -- Snapshots -----------------------------------------------------------------------------
 
@@ -126,4 +126,51 @@ BEGIN
 END;
 $$;
 GRANT EXECUTE ON FUNCTION meowmx.delete_stream(text, text, bigint)
+TO meowmx_admin;
+
+-- Moving the store ---------------------------------------------------------------------
+
+-- After a restore or a logical-replication copy into another cluster, makes new
+-- events order after every one stored, so that cursors, checkpoints and
+-- subscriptions keep their meaning: new order ids follow every stored one (events,
+-- and checkpoints that may name deleted events), and positions every stored
+-- position (a replication copy leaves the identity sequence behind). A no-op in
+-- the cluster that wrote the log; meowmx install runs it every time. Returns the
+-- shift now added to this cluster's transaction ids.
+CREATE FUNCTION meowmx.adopt_cluster() RETURNS numeric
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    newest numeric := (
+        SELECT max(x.id)::text::numeric FROM (
+            SELECT max(e.transaction_id) FROM meowmx.events AS e
+            UNION ALL
+            SELECT greatest(max(p.checkpoint_xid), max(p.batch_end_xid))
+            FROM meowmx.subscription_partitions AS p
+        ) AS x (id)
+    );
+    shift numeric := coalesce((SELECT s.shift FROM meowmx.order_shift AS s), 0);
+    -- Transactions running now may still append, with ids from the horizon on.
+    needed numeric := newest + 1 - pg_snapshot_xmin(pg_current_snapshot())::text::numeric;
+    positions regclass := pg_get_serial_sequence('meowmx.events', 'position')::regclass;
+    last_position bigint := (SELECT max(e.position) FROM meowmx.events AS e);
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('meowmx/adopt', 0));
+    IF needed > shift THEN
+        INSERT INTO meowmx.order_shift AS s (shift) VALUES (needed)
+        ON CONFLICT ON CONSTRAINT order_shift_pkey
+        DO UPDATE SET shift = excluded.shift, adopted_at = excluded.adopted_at;
+        -- The log came from another cluster: say so, it explains the shifted ids.
+        RAISE NOTICE 'meowmx: adopted the event log; transaction ids shifted by %', needed;
+        shift := needed;
+    END IF;
+    IF last_position > coalesce(pg_sequence_last_value(positions), 0) THEN
+        PERFORM setval(positions, last_position);
+    END IF;
+    RETURN shift;
+END;
+$$;
+GRANT EXECUTE ON FUNCTION meowmx.adopt_cluster()
 TO meowmx_admin;
