@@ -44,7 +44,9 @@ def run(args: Sequence[str], *, as_server: bool = False, **kwargs: object) -> st
     done = subprocess.run(
         list(args), capture_output=True, text=True, user=user, timeout=300, **kwargs
     )  # type: ignore[call-overload]
-    assert done.returncode == 0, f"{args[0]} failed ({done.returncode}):\n{done.stderr}"
+    assert done.returncode == 0, (
+        f"{args[0]} failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+    )
     return str(done.stdout)
 
 
@@ -63,9 +65,13 @@ class Cluster:
     """One server: `data` is its data directory; its socket is in `sockets` (outside
     the data directory, so that a base backup does not copy the socket's lock file)."""
 
-    def __init__(self, data: Path, sockets: Path):
+    def __init__(self, data: Path, sockets: Path, bindir: Path | None = None):
         self.data = data
         self.sockets = sockets
+        self.bindir = bindir  # None: the embedded wheel's
+
+    def tool(self, name: str) -> str:
+        return str(self.bindir / name) if self.bindir else tool(name)
 
     def dsn(self, dbname: str = "postgres") -> str:
         return make_conninfo(host=str(self.sockets), port=5432, user="postgres", dbname=dbname)
@@ -73,13 +79,15 @@ class Cluster:
     def start(self) -> None:
         log = self.data / "log"
         try:
-            run([tool("pg_ctl"), "-D", str(self.data), "-w", "-l", str(log), "start"],
+            run([self.tool("pg_ctl"), "-D", str(self.data), "-w", "-l", str(log), "start"],
                 as_server=True)  # fmt: skip
         except AssertionError as failed:
             raise AssertionError(f"{failed}\n{log.read_text(errors='replace')}") from None
 
     def stop(self) -> None:
-        run([tool("pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop"], as_server=True)
+        if (self.data / "postmaster.pid").exists():  # not stopped already
+            run([self.tool("pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop"],
+                as_server=True)  # fmt: skip
 
 
 def _own(path: Path) -> None:
@@ -90,17 +98,20 @@ def _own(path: Path) -> None:
 
 @contextmanager
 def cluster(
-    settings: Mapping[str, str] | None = None, *, data: Path | None = None
+    settings: Mapping[str, str] | None = None,
+    *,
+    data: Path | None = None,
+    bindir: Path | None = None,
 ) -> Iterator[Cluster]:
     """A new cluster (initdb, unless `data` already holds one, as a base backup does),
-    started with `settings`; stopped and deleted on exit."""
+    started with `settings`; stopped and deleted on exit. `bindir`: another version's
+    programs (default: the embedded wheel's)."""
     root = Path(tempfile.mkdtemp(prefix="meowmx-cluster-"))
     _own(root)
-    server = Cluster(data or root / "data", root)
+    server = Cluster(data or root / "data", root, bindir)
     try:
         if data is None:
-            run([tool("initdb"), "-D", str(server.data), "-U", "postgres", "--auth=trust",
-                 "--no-sync", "-E", "UTF8"], as_server=True)  # fmt: skip
+            initdb(server.data, server.tool("initdb"))
         conf = {"listen_addresses": "''", "unix_socket_directories": f"'{root}'",
                 "port": "5432", "fsync": "off", **(settings or {})}  # fmt: skip
         with open(server.data / "postgresql.auto.conf", "a", encoding="utf-8") as auto:
@@ -112,12 +123,20 @@ def cluster(
             server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        if data is not None:
-            shutil.rmtree(data, ignore_errors=True)
+        if data is not None:  # in a server_dir()
+            shutil.rmtree(data.parent, ignore_errors=True)
+
+
+def initdb(data: Path, program: str | None = None, *options: str) -> None:
+    """A new cluster in `data`: trust auth, UTF8, C locale (pg_upgrade needs both sides
+    alike)."""
+    run([program or tool("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+         "--no-sync", "-E", "UTF8", "--locale=C", *options], as_server=True)  # fmt: skip
 
 
 def server_dir() -> Path:
-    """A new empty directory the server user may write (for a base backup, say)."""
+    """A new empty directory the server user may write (for a base backup, say); a
+    cluster() started on data inside it deletes it."""
     path = Path(tempfile.mkdtemp(prefix="meowmx-copy-"))
     _own(path)
     return path

@@ -182,6 +182,7 @@ VALID: dict[str, dict[str, Any]] = {
     "horizon_blockers": {},
     "version": {},
     "end_cursor": {},
+    "adopt_cluster": {},
 }
 
 # More valid calls, down other paths of the same functions: (function, arguments, the

@@ -47,7 +47,13 @@ WORK = {
     "subscription_status",
     "list_parked",
 }
-ADMIN_ONLY = {"delete_stream", "drop_subscription", "reset_subscription", "requeue_parked"}
+ADMIN_ONLY = {
+    "delete_stream",
+    "drop_subscription",
+    "reset_subscription",
+    "requeue_parked",
+    "adopt_cluster",
+}
 PUBLIC_FUNCTIONS = READ | WRITE | WORK | ADMIN_ONLY
 
 # The README's Security table: the public functions each role may execute.
