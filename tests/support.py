@@ -142,3 +142,8 @@ def wait_until_blocked(conn: Connection, pid: int) -> None:
         return bool(row and row[0])
 
     wait_until(blocked, f"backend {pid} to wait for a lock")
+
+
+# meowmx._horizon()'s probe of the newest stored order id: one index entry, read
+# backwards from the end of the commit order index. Plan checks leave it out.
+HORIZON_PROBE = "max(e.transaction_id) FROM meowmx.events"
