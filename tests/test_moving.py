@@ -178,6 +178,16 @@ def copy_roles(source_dsn: str, target: Cluster) -> None:
     run([tool("psql"), "-X", "-q", "-d", target.dsn()], input=roles)
 
 
+def dump_then_drain(source: str, dump: Path, dump_format: str = "custom") -> tuple[Any, Any]:
+    """The source's state, dumped to `dump`; then what the source delivers from it."""
+    with psycopg.connect(source, autocommit=True) as conn:
+        before = record(conn)
+    flag = "-Fc" if dump_format == "custom" else "-Fp"
+    run([tool_for("pg_dump", source), flag, "-f", str(dump), "-d", source])
+    with psycopg.connect(source, autocommit=True) as conn:
+        return before, drain_all(conn)
+
+
 def source_db(extra_db: Callable[[], str]) -> str:
     target = extra_db()
     meowmx.install(target)
@@ -212,10 +222,8 @@ def test_plain_install_survives_a_restore_into_a_new_cluster(
     burn_transaction_ids(source, next_xid(new_cluster.dsn()) + 1000)
     with psycopg.connect(source, autocommit=True) as conn:
         build_state(conn)
-        before = record(conn)
     dump = tmp_path / "store.dump"
-    flag = "-Fc" if dump_format == "custom" else "-Fp"
-    run([tool_for("pg_dump", source), flag, "-f", str(dump), "-d", source])
+    before, source_drain = dump_then_drain(source, dump, dump_format)
     copy_roles(source, new_cluster)
     target = create_database(new_cluster.dsn(), f"moved_{dump_format}")
     if dump_format == "custom":
@@ -226,9 +234,6 @@ def test_plain_install_survives_a_restore_into_a_new_cluster(
     the_log_is_refused_until_adopted(target)
     with psycopg.connect(target, autocommit=True) as conn:
         assert record(conn) == before
-    with psycopg.connect(source, autocommit=True) as conn:
-        source_drain = drain_all(conn)
-    with psycopg.connect(target, autocommit=True) as conn:
         check_continues(conn, before, source_drain)
 
 
@@ -237,11 +242,8 @@ def test_a_restore_into_the_same_cluster_needs_no_step(extra_db: Callable[[], st
     source = source_db(extra_db)
     with psycopg.connect(source, autocommit=True) as conn:
         build_state(conn)
-        before = record(conn)
     dump = tmp_path / "store.dump"
-    run([tool_for("pg_dump", source), "-Fc", "-f", str(dump), "-d", source])
-    with psycopg.connect(source, autocommit=True) as conn:
-        source_drain = drain_all(conn)
+    before, source_drain = dump_then_drain(source, dump)
     target = extra_db()
     run([tool_for("pg_restore", target), "--exit-on-error", "-d", target, str(dump)])
     with psycopg.connect(target, autocommit=True) as conn:
@@ -270,11 +272,8 @@ def test_extension_install_survives_a_restore_into_a_new_cluster(
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION meowmx")
         build_state(conn)
-        before = record(conn)
     dump = tmp_path / "store.dump"
-    run([tool_for("pg_dump", source), "-Fc", "-f", str(dump), "-d", source])
-    with psycopg.connect(source, autocommit=True) as conn:
-        source_drain = drain_all(conn)
+    before, source_drain = dump_then_drain(source, dump)
     copy_roles(source, new_cluster)
     target = create_database(new_cluster.dsn(), "moved_extension")
     run([tool("pg_restore"), "--exit-on-error", "-d", target, str(dump)])
