@@ -71,8 +71,7 @@ def test_facts_reach_psql_users_in_the_constraint_field(dsn: str) -> None:
         except psycopg.Error as error:
             assert error.sqlstate == "MX001"
             assert error.diag.constraint_name == (
-                '{"category": "cart", "stream_id": "1", "actual_version": 1,'
-                ' "expected_version": 0}'
+                '{"category": "cart", "stream_id": "1", "actual_version": 1, "expected_version": 0}'
             )
         else:
             raise AssertionError("the append should have been refused")
