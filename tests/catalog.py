@@ -81,6 +81,10 @@ QUERIES = {
             LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) AS i
         WHERE i.schema = 'meowmx'""",
     "migrations": "SELECT version::text, name FROM meowmx.migrations",
+    # Data that grants depend on: the role prefix, and which kinds get which function.
+    "settings": "SELECT name, value FROM meowmx.settings",
+    "function grants": """
+        SELECT g.signature || ' to ' || g.kind::text FROM meowmx.function_grants AS g""",
 }
 
 Catalog = dict[str, dict[str, dict[str, Any]]]  # part -> object name -> attribute -> value

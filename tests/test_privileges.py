@@ -25,7 +25,15 @@ from test_bad_input import CASES, MORE_VALID, VALID, build_world, resolve
 
 Connection = psycopg.Connection[Any]
 
-ROLES = ("meowmx_reader", "meowmx_writer", "meowmx_worker", "meowmx_admin")
+KINDS = ("reader", "writer", "worker", "admin")
+
+
+def roles_of(prefix: str) -> tuple[str, ...]:
+    """A database's group roles: <prefix>_reader, _writer, _worker, _admin."""
+    return tuple(f"{prefix}_{kind}" for kind in KINDS)
+
+
+ROLES = roles_of("meowmx")  # the default prefix, which the test database uses
 
 READ = {
     "read_stream",
@@ -54,14 +62,15 @@ ADMIN_ONLY = {
     "requeue_parked",
     "adopt_cluster",
 }
-PUBLIC_FUNCTIONS = READ | WRITE | WORK | ADMIN_ONLY
+OWNER_ONLY = {"create_roles"}  # acts with its caller's rights: granted to nobody
+PUBLIC_FUNCTIONS = READ | WRITE | WORK | ADMIN_ONLY | OWNER_ONLY
 
-# The README's Security table: the public functions each role may execute.
-MAY_EXECUTE = {
-    "meowmx_reader": READ,
-    "meowmx_writer": READ | WRITE,
-    "meowmx_worker": READ | WORK,
-    "meowmx_admin": PUBLIC_FUNCTIONS,
+# The README's Security table: the public functions each kind of role may execute.
+MAY_EXECUTE_BY_KIND = {
+    "reader": READ,
+    "writer": READ | WRITE,
+    "worker": READ | WORK,
+    "admin": READ | WRITE | WORK | ADMIN_ONLY,
 }
 
 TABLES = (
@@ -71,6 +80,8 @@ TABLES = (
     "subscription_partitions",
     "parked_events",
     "snapshots",
+    "settings",
+    "function_grants",
 )
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
@@ -133,8 +144,12 @@ def test_roles_are_nologin_group_roles(connect: Callable[..., Connection]) -> No
 
 
 def test_privilege_matrix_matches_the_readme(connect: Callable[..., Connection]) -> None:
-    """EXECUTE exactly as documented; private functions, tables and sequences for nobody."""
-    conn = connect()
+    check_privilege_matrix(connect(), "meowmx")
+
+
+def check_privilege_matrix(conn: Connection, prefix: str) -> None:
+    """EXECUTE exactly as documented, for the roles of `prefix`; private functions,
+    tables and sequences for nobody."""
     functions = conn.execute(
         "SELECT p.oid, p.proname FROM pg_proc AS p"
         " WHERE p.pronamespace = 'meowmx'::regnamespace ORDER BY p.proname"
@@ -143,7 +158,9 @@ def test_privilege_matrix_matches_the_readme(connect: Callable[..., Connection])
     assert PUBLIC_FUNCTIONS <= names
     assert {n for n in names if not n.startswith("_")} == PUBLIC_FUNCTIONS, "undocumented function"
 
-    for role in (*ROLES, "public"):
+    roles = roles_of(prefix)
+    may_execute = dict(zip(roles, MAY_EXECUTE_BY_KIND.values(), strict=True))
+    for role in (*roles, "public"):
         executable = {
             name
             for oid, name in functions
@@ -151,7 +168,7 @@ def test_privilege_matrix_matches_the_readme(connect: Callable[..., Connection])
                 "SELECT has_function_privilege(%s, %s, 'EXECUTE')", [role, oid]
             ).fetchone()[0]  # type: ignore[index]
         }
-        assert executable == MAY_EXECUTE.get(role, set()), role
+        assert executable == may_execute.get(role, set()), role
         usage = conn.execute(
             "SELECT has_schema_privilege(%s, 'meowmx', 'USAGE')", [role]
         ).fetchone()
@@ -171,7 +188,7 @@ def test_privilege_matrix_matches_the_readme(connect: Callable[..., Connection])
         " FROM pg_class AS c, unnest(%s::text[]) AS r (role), unnest(%s::text[]) AS p (privilege)"
         " WHERE c.relnamespace = 'meowmx'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')"
         " AND has_table_privilege(r.role, c.oid, p.privilege)",
-        [[*ROLES, "public"], list(TABLE_PRIVILEGES)],
+        [[*roles, "public"], list(TABLE_PRIVILEGES)],
     ).fetchall()
     assert granted == [], "the roles reach the tables only through the functions"
     sequences = conn.execute(
@@ -180,7 +197,7 @@ def test_privilege_matrix_matches_the_readme(connect: Callable[..., Connection])
         " AND (has_sequence_privilege(r.role, c.oid, 'USAGE')"
         "      OR has_sequence_privilege(r.role, c.oid, 'SELECT')"
         "      OR has_sequence_privilege(r.role, c.oid, 'UPDATE'))",
-        [[*ROLES, "public"]],
+        [[*roles, "public"]],
     ).fetchall()
     assert sequences == []
 
@@ -518,7 +535,7 @@ def test_public_functions_run_as_their_owner(connect: Callable[..., Connection])
         "SELECT proname FROM pg_proc WHERE pronamespace = 'meowmx'::regnamespace"
         " AND proname !~ '^_' AND NOT prosecdef ORDER BY 1"
     )
-    assert invoker.fetchall() == [("horizon_blockers",)]
+    assert [name for (name,) in invoker] == ["create_roles", "horizon_blockers"]
 
 
 # Look-alikes planted on the caller's search_path are never used -------------------------
@@ -730,7 +747,8 @@ def test_look_alikes_on_the_search_path_are_never_used(
                 want = outcome(plain, name, args)
                 if want[0] != expected:
                     wrong.append(f"{name}({list(args)}): {want}, not {expected}")
-                for role in ("owner", "meowmx_admin"):
+                # create_roles acts with its caller's rights: only the owner may call it.
+                for role in ("owner",) if name in OWNER_ONLY else ("owner", "meowmx_admin"):
                     hijacked.execute("RESET ROLE" if role == "owner" else f"SET ROLE {role}")
                     got = outcome(hijacked, name, args)
                     if got != want:

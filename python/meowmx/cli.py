@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import re
 import signal
@@ -160,6 +161,15 @@ def _natural(text: str) -> int:
 _natural.__name__ = "non-negative integer"
 
 
+def _role_prefix(text: str) -> str:
+    if not text:  # the server checks the rest (MX060)
+        raise ValueError(text)
+    return text
+
+
+_role_prefix.__name__ = "role prefix"
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -220,6 +230,13 @@ def _parser() -> _Parser:
     p.add_argument(
         "--status", action="store_true", help="list the migrations and whether each is applied"
     )
+    p.add_argument(
+        "--role-prefix",
+        type=_role_prefix,
+        metavar="PREFIX",
+        help="name this database's group roles PREFIX_reader, _writer, _worker, _admin "
+        "(default: meowmx); read on the first install only",
+    )
 
     p = command(
         "sql",
@@ -229,6 +246,13 @@ def _parser() -> _Parser:
         "or another stack's migrations: without --from, the current schema for an empty "
         "database; with --from N, the frozen upgrades after version N. Run it in one "
         "transaction.",
+    )
+    p.add_argument(
+        "--role-prefix",
+        type=_role_prefix,
+        metavar="PREFIX",
+        help="start the script with SET meowmx.role_prefix = PREFIX: the group roles are "
+        "PREFIX_reader, _writer, _worker, _admin (default: meowmx)",
     )
     p.add_argument(
         "--from",
@@ -439,7 +463,8 @@ def _install(args: argparse.Namespace) -> int:
     with _database(args) as (_, conn):
         if args.status or args.action == "status":
             return _install_status(conn)
-        applied = install(conn)
+        with _notices_said():
+            applied = install(conn, role_prefix=args.role_prefix)
     shipped = {m.version: m.name for m in migrations()}
     if applied:
         names = ", ".join(f"{v:04d}_{shipped[v]}" for v in applied)
@@ -447,6 +472,30 @@ def _install(args: argparse.Namespace) -> int:
     else:
         print(f"nothing to apply: meowmx schema version {latest_version()} is up to date")
     return 0
+
+
+@contextmanager
+def _notices_said() -> Iterator[None]:
+    """Print the installer's notices (the group roles it could not create, and what an
+    administrator runs) on stderr, like errors; install() logs them."""
+
+    class Say(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notice = getattr(record, "notice", None)
+            if notice is None:
+                _say(record.getMessage())
+            else:
+                _say(*notice)
+
+    logger = logging.getLogger("meowmx.install")
+    handler, propagate = Say(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False  # printed here, not again by logging's last resort
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _install_status(conn: psycopg.Connection[Any]) -> int:
@@ -475,6 +524,10 @@ def _sql(args: argparse.Namespace) -> int:
         raise CliError(f"this package ships schema versions 1 to {latest}", 2)
     if after > upto:
         raise CliError(f"--from {after} is past --to {upto}", 2)
+    if args.role_prefix is not None:
+        # Session-wide, not SET LOCAL: it must hold even where each statement commits.
+        quoted = "'" + args.role_prefix.replace("'", "''") + "'"
+        sys.stdout.write(f"SET meowmx.role_prefix = {quoted};\n")
     if after == upto:  # a valid, empty script
         sys.stdout.write(f"-- meowmx schema: nothing to apply after version {upto}\n")
     else:

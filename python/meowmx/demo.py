@@ -367,6 +367,7 @@ def setup(client: Client, conn: Conn, partitions: int, console: Console) -> None
     """Install meowmx, recreate the read model table and the subscription."""
     row = conn.execute("SHOW server_version").fetchone()
     applied = install(conn)
+    _schema_for_tables(conn)
     for statement in READ_MODEL_DDL:
         conn.execute(statement)
     client.drop_subscription(SUBSCRIPTION)
@@ -379,6 +380,18 @@ def setup(client: Client, conn: Conn, partitions: int, console: Console) -> None
     console.say(
         f"PostgreSQL {server_version}: meowmx {done} (schema version {client.schema_version()})\n"
     )
+
+
+def _schema_for_tables(conn: Conn) -> None:
+    """A role with only CREATE on the database (a managed host's application role) may
+    not create tables in schema public (PostgreSQL 15 and later): make the schema named
+    after the role, which the default search_path ("$user", public) puts first."""
+    row = conn.execute(
+        "SELECT pg_catalog.current_schema() IS NULL"
+        " OR NOT pg_catalog.has_schema_privilege(pg_catalog.current_schema(), 'CREATE')"
+    ).fetchone()
+    if row and row[0]:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS AUTHORIZATION CURRENT_USER")
 
 
 def simulate(

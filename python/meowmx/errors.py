@@ -207,6 +207,18 @@ class LogFromAnotherCluster(MeowmxError):
     sqlstate = "MX050"
 
 
+class InvalidRolePrefix(MeowmxError):
+    """meowmx.role_prefix (install's `role_prefix`) is not a valid prefix of role names."""
+
+    sqlstate = "MX060"
+
+
+class RolePrefixConflict(MeowmxError):
+    """The database was installed with another role prefix; its grants went to those roles."""
+
+    sqlstate = "MX061"
+
+
 class SchemaTooNew(MeowmxError):
     """The database holds a newer meowmx schema than this package knows."""
 

@@ -1,7 +1,7 @@
 """Following the event log: wake on the append NOTIFY, and poll.
 
 Appends notify channel CHANNEL, but only one open appending transaction at a time
-does (meowmx._notify() in sql/schema/04_append.sql): the others skip their NOTIFY,
+does (meowmx._notify() in sql/schema/05_append.sql): the others skip their NOTIFY,
 because a NOTIFY in every append would serialize commits cluster-wide. Every appender
 that skipped had its transaction id, and was still open, when the notifying one
 committed; so a listener that wakes keeps reading until the read horizon passes every

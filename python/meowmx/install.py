@@ -7,23 +7,28 @@ existing database runs after its version.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
 from meowmx.connection import Target, connection
-from meowmx.errors import SchemaTooNew
+from meowmx.errors import InvalidRolePrefix, SchemaTooNew, translated
 
 if sys.version_info >= (3, 11):
     from importlib.resources.abc import Traversable
 else:
     from importlib.abc import Traversable
+
+log = logging.getLogger("meowmx.install")
 
 # Serializes installers: concurrent processes apply each migration exactly once.
 # Names are qualified: the installing session's search_path may hold anything.
@@ -125,15 +130,34 @@ def applied_versions(conn: psycopg.Connection[Any]) -> list[int]:
     return [row[0] for row in rows]
 
 
-def install(target: Target) -> list[int]:
+def install(target: Target, role_prefix: str | None = None) -> list[int]:
     """Install meowmx, or apply the pending upgrades, in one transaction; return the
     versions applied.
 
     Idempotent, and safe when several processes install at once. A connection you
     pass stays yours: if it is inside a transaction, the install joins it.
+
+    `role_prefix` names this database's group roles (``<prefix>_reader``, ``_writer``,
+    ``_worker``, ``_admin``; default ``meowmx``). It is read when meowmx is first
+    installed in a database and kept there; a different one later raises
+    `RolePrefixConflict`. Where the installer may not create roles, the install goes on
+    without them and logs the server's WARNING naming the step an administrator runs
+    (logger ``meowmx.install``).
     """
-    with connection(target) as conn, conn.transaction():
+    if role_prefix == "":  # the SQL reads an empty setting as unset
+        raise InvalidRolePrefix(
+            "invalid role prefix",
+            "role_prefix is ''",
+            "Pass None for the default (meowmx), or a prefix: see meowmx.role_prefix.",
+            {"role_prefix": ""},
+        )
+    with connection(target) as conn, _notices_logged(conn), translated(), conn.transaction():
         conn.execute(_INSTALL_LOCK)
+        if role_prefix is not None:
+            # Local to the transaction: the SQL below reads it (04_roles.sql).
+            conn.execute(
+                "SELECT pg_catalog.set_config('meowmx.role_prefix', %s, true)", [role_prefix]
+            )
         applied = applied_versions(conn)
         if not applied:
             conn.execute(script())
@@ -147,5 +171,38 @@ def install(target: Target) -> list[int]:
         pending = [m for m in migrations() if m.version not in applied]
         for migration in pending:
             conn.execute(migration.sql)
+        if role_prefix is not None:
+            # Installed before: refuses a prefix other than the stored one (MX061).
+            conn.execute("CALL meowmx._choose_role_prefix()")
+        # After a restore into another cluster: its roles and grants (where the
+        # installer may; else a WARNING names the step), and its order ids.
+        conn.execute("SELECT FROM meowmx.create_roles()")
         conn.execute("SELECT meowmx.adopt_cluster()")
         return [m.version for m in pending]
+
+
+class Notice(NamedTuple):
+    """A notice of the server during an install; logged with the record as `notice`."""
+
+    message: str
+    detail: str | None
+    hint: str | None
+
+
+@contextmanager
+def _notices_logged(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Log the server's notices (such as the roles it could not create) as warnings."""
+
+    def log_notice(diag: psycopg.errors.Diagnostic) -> None:
+        # diag is only valid during the call: copy what it says.
+        notice = Notice(diag.message_primary or "", diag.message_detail, diag.message_hint)
+        lines = [notice.message]
+        labelled = (("DETAIL", notice.detail), ("HINT", notice.hint))
+        lines += [f"{label}: {text}" for label, text in labelled if text]
+        log.warning("%s", "\n".join(lines), extra={"notice": notice})
+
+    conn.add_notice_handler(log_notice)
+    try:
+        yield
+    finally:
+        conn.remove_notice_handler(log_notice)

@@ -2,7 +2,7 @@
 -- public functions are the API.
 
 -- Which upgrades the database has: each records itself in its last statement,
--- and a fresh install records every one it includes (09_version.sql).
+-- and a fresh install records every one it includes (10_version.sql).
 CREATE TABLE meowmx.migrations (
     version integer PRIMARY KEY,
     name text NOT NULL,

@@ -445,7 +445,7 @@ BEGIN
 END;
 $$;
 
--- PUBLIC gets nothing, new functions included (see schema/08_revoke_public.sql).
+-- PUBLIC gets nothing, new functions included (see schema/09_revoke_public.sql).
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meowmx FROM PUBLIC;
 
 INSERT INTO meowmx.migrations (version, name) VALUES (5, 'cluster_moves');

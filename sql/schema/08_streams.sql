@@ -31,8 +31,7 @@ BEGIN
     DO UPDATE SET state = excluded.state, created_at = excluded.created_at;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.save_snapshot(text, text, bigint, jsonb)
-TO meowmx_writer, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.save_snapshot(text, text, bigint, jsonb)', 'writer', 'admin');
 
 -- The newest snapshot at or below max_version (NULL: the newest); no row if none.
 CREATE FUNCTION meowmx.load_snapshot(
@@ -58,8 +57,9 @@ BEGIN
     LIMIT 1;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.load_snapshot(text, text, bigint)
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.load_snapshot(text, text, bigint)', 'reader', 'writer', 'worker', 'admin'
+);
 
 -- Streams -------------------------------------------------------------------------------
 
@@ -84,8 +84,9 @@ BEGIN
     LIMIT max_count;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.list_streams(text, text, integer)
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.list_streams(text, text, integer)', 'reader', 'writer', 'worker', 'admin'
+);
 
 -- Deletes a stream's events (and snapshots) before `before_version`, or all of
 -- them when it is NULL. Subscriptions lose nothing else: a checkpoint is a place
@@ -125,8 +126,7 @@ BEGIN
     RETURN deleted;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.delete_stream(text, text, bigint)
-TO meowmx_admin;
+CALL meowmx._grant_execute('meowmx.delete_stream(text, text, bigint)', 'admin');
 
 -- Moving the store ---------------------------------------------------------------------
 
@@ -172,5 +172,4 @@ BEGIN
     RETURN shift;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.adopt_cluster()
-TO meowmx_admin;
+CALL meowmx._grant_execute('meowmx.adopt_cluster()', 'admin');

@@ -13,8 +13,9 @@ BEGIN
     ), 0);
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.stream_version(text, text)
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.stream_version(text, text)', 'reader', 'writer', 'worker', 'admin'
+);
 
 CREATE FUNCTION meowmx.read_stream(
     category text,
@@ -56,8 +57,10 @@ BEGIN
     END IF;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.read_stream(text, text, bigint, integer, boolean)
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.read_stream(text, text, bigint, integer, boolean)',
+    'reader', 'writer', 'worker', 'admin'
+);
 
 -- Events in commit order. Only transactions below the horizon (the oldest
 -- transaction id still running anywhere in the cluster) are returned, so a
@@ -124,8 +127,9 @@ BEGIN
     USING from_xid, from_position, horizon, max_count, event_types;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.read_events(text, integer, text[], text[])
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.read_events(text, integer, text[], text[])', 'reader', 'writer', 'worker', 'admin'
+);
 
 -- A cursor after every event readable now: reading after it returns only events
 -- that commit later. It is where start_at => 'end' starts, and where `meowmx tail
@@ -149,13 +153,11 @@ BEGIN
     ), '0:0');
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.end_cursor()
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.end_cursor()', 'reader', 'writer', 'worker', 'admin');
 
 CREATE FUNCTION meowmx.version() RETURNS integer
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 RETURN (SELECT max(m.version) FROM meowmx.migrations AS m);
-GRANT EXECUTE ON FUNCTION meowmx.version()
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.version()', 'reader', 'writer', 'worker', 'admin');

@@ -93,8 +93,9 @@ BEGIN
     RETURN true;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.create_subscription(text, text[], text[], integer, text, integer)
-TO meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.create_subscription(text, text[], text[], integer, text, integer)', 'worker', 'admin'
+);
 
 CREATE FUNCTION meowmx.drop_subscription(name text) RETURNS boolean
 LANGUAGE plpgsql
@@ -106,8 +107,7 @@ BEGIN
     RETURN FOUND;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.drop_subscription(text)
-TO meowmx_admin;
+CALL meowmx._grant_execute('meowmx.drop_subscription(text)', 'admin');
 
 -- Moves every partition to 'beginning', 'end' or a cursor. Leases and batches
 -- are dropped, so in-flight acks are rejected and workers claim again.
@@ -128,8 +128,7 @@ BEGIN
     WHERE p.subscription = sub.name;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.reset_subscription(text, text)
-TO meowmx_admin;
+CALL meowmx._grant_execute('meowmx.reset_subscription(text, text)', 'admin');
 
 -- Work ----------------------------------------------------------------------------------
 
@@ -259,8 +258,7 @@ BEGIN
     END LOOP;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.claim_batch(text, text, integer, interval)
-TO meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.claim_batch(text, text, integer, interval)', 'worker', 'admin');
 
 -- The partition row (locked) and the event that an ack or nack names, after
 -- checking that the worker still holds the lease (fencing) and that the event
@@ -342,8 +340,7 @@ BEGIN
     END IF;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.ack(text, text, integer, bigint)
-TO meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.ack(text, text, integer, bigint)', 'worker', 'admin');
 
 -- Records a failure of the event at event_position; the events before it in
 -- the batch count as handled. The event comes back after retry_after, and the
@@ -398,8 +395,9 @@ BEGIN
     RETURN false;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.nack(text, text, integer, bigint, text, interval)
-TO meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.nack(text, text, integer, bigint, text, interval)', 'worker', 'admin'
+);
 
 -- Gives up the worker's leases (clean shutdown). Unacknowledged events of its
 -- batches go to the next claimer. Returns how many partitions were released.
@@ -421,8 +419,7 @@ BEGIN
     RETURN released;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.release(text, text)
-TO meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.release(text, text)', 'worker', 'admin');
 
 -- Observation ---------------------------------------------------------------------------
 
@@ -473,8 +470,7 @@ BEGIN
     ORDER BY s.name, p.partition;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.subscription_status(text)
-TO meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.subscription_status(text)', 'worker', 'admin');
 
 CREATE FUNCTION meowmx.list_parked(subscription text, max_count integer DEFAULT 100)
 RETURNS SETOF meowmx.parked_event
@@ -496,8 +492,7 @@ BEGIN
     LIMIT max_count;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.list_parked(text, integer)
-TO meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.list_parked(text, integer)', 'worker', 'admin');
 
 -- Delivers a parked event again by moving its partition back to just before
 -- it: the partition's later events are delivered again too (at-least-once,
@@ -539,8 +534,7 @@ BEGIN
     RETURN removed;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.requeue_parked(text, bigint)
-TO meowmx_admin;
+CALL meowmx._grant_execute('meowmx.requeue_parked(text, bigint)', 'admin');
 
 -- The transactions that hold the read horizon back, oldest first: readers and
 -- subscriptions deliver nothing at or after the oldest one's transaction id
@@ -583,5 +577,4 @@ AS $$
     FROM running AS r CROSS JOIN snapshot AS s
     ORDER BY 6
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.horizon_blockers()
-TO meowmx_reader, meowmx_writer, meowmx_worker, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.horizon_blockers()', 'reader', 'writer', 'worker', 'admin');

@@ -239,8 +239,9 @@ BEGIN
     RETURN result;
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.append_event(text, text, text, jsonb, bigint, jsonb, uuid)
-TO meowmx_writer, meowmx_admin;
+CALL meowmx._grant_execute(
+    'meowmx.append_event(text, text, text, jsonb, bigint, jsonb, uuid)', 'writer', 'admin'
+);
 
 CREATE FUNCTION meowmx.append_events(
     category text,
@@ -315,5 +316,4 @@ BEGIN
         batch.types, batch.data, batch.metadata, batch.ids);
 END;
 $$;
-GRANT EXECUTE ON FUNCTION meowmx.append_events(text, text, jsonb, bigint)
-TO meowmx_writer, meowmx_admin;
+CALL meowmx._grant_execute('meowmx.append_events(text, text, jsonb, bigint)', 'writer', 'admin');

@@ -4,4 +4,5 @@ INSERT INTO meowmx.migrations (version, name) VALUES
 (2, 'subscriptions'),
 (3, 'roles_and_streams'),
 (4, 'end_cursor_and_error_codes'),
-(5, 'cluster_moves');
+(5, 'cluster_moves'),
+(6, 'roles_optional');
