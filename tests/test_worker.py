@@ -538,14 +538,16 @@ def test_transactional_lease_taken_over_before_the_ack_rolls_back(
     def handler(event: ClaimedEvent, tx: Connection) -> None:
         write(event, tx)
         if event.version == 5 and not stolen:
-            lease_end = status(client)[0].lease_expires_at
-            wait_until(
-                lambda: scalar(conn, "SELECT clock_timestamp() > %s", [lease_end]),
-                "the lease to expire",
-            )
-            stolen.extend(client.claim_batch(SUB, "thief"))
+            # The lease runs out (as if the worker had stalled: a live one renews it
+            # out of band) and a thief claims, in one transaction, before any renewal.
+            with conn.transaction():
+                conn.execute(
+                    "UPDATE meowmx.subscription_partitions"
+                    " SET lease_expires_at = clock_timestamp() - interval '1 second'"
+                )
+                stolen.extend(client.claim_batch(SUB, "thief", conn=conn))
 
-    worker = workers(handler, transactional=True, lease=timedelta(milliseconds=300))
+    worker = workers(handler, transactional=True, lease=timedelta(seconds=5))
     assert worker.run_once() == 0
     assert [e.position for e in stolen] == events  # the thief got the same events
     assert read_model() == []  # and the slow worker's writes were rolled back

@@ -3,4 +3,5 @@ INSERT INTO meowmx.migrations (version, name) VALUES
 (1, 'core'),
 (2, 'subscriptions'),
 (3, 'roles_and_streams'),
-(4, 'end_cursor_and_error_codes');
+(4, 'end_cursor_and_error_codes'),
+(5, 'workers');
