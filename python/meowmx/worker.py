@@ -271,7 +271,7 @@ class Worker:
                         failures += 1
                         pause = min(_MAX_PAUSE, self.poll_interval * 2 ** min(failures - 1, 16))
                         log.warning(
-                            "worker %s: %s; trying again in %.1f s",
+                            "worker %s: %s; trying again in %.2g s",
                             self.name,
                             describe(error),
                             pause,
