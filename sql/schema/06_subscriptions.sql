@@ -4,7 +4,8 @@
 -- partition has a checkpoint (a cursor: everything at or before it is done)
 -- and at most one lease. Workers claim a partition with claim_batch, then ack
 -- or nack what they were given; each call is one short statement, so workers
--- run behind transaction-mode poolers and hold no transaction open.
+-- run behind transaction-mode poolers. Only a transactional worker holds a
+-- transaction open, for its batch (renew_lease keeps its lease meanwhile).
 
 CREATE FUNCTION meowmx._subscription(name text) RETURNS meowmx.subscriptions
 LANGUAGE plpgsql STABLE
