@@ -340,6 +340,7 @@ def test_subscriptions_and_dead_letters(
         "attempts",
         "last error",
         "parked",
+        "worker transaction",
     ]
     assert [(r[0], r[1]) for r in rows] == [("billing", "0"), ("billing", "1")]
     busy = next(r for r in rows if r[4] == "w1")

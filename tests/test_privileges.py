@@ -51,6 +51,7 @@ WORK = {
     "claim_batch",
     "ack",
     "nack",
+    "renew_lease",
     "release",
     "subscription_status",
     "list_parked",

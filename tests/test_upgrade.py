@@ -164,7 +164,10 @@ def record(conn: Connection, version: int) -> dict[str, Any]:
             "SELECT * FROM meowmx.parked_events ORDER BY subscription, position"
         ).fetchall()
         state["status"] = conn.execute(
-            "SELECT * FROM meowmx.subscription_status() ORDER BY subscription, partition"
+            # The columns of the first release (later ones add columns).
+            "SELECT subscription, partition, checkpoint, events_behind, lease_owner,"
+            " lease_expires_at, attempts, last_error, retry_at, parked"
+            " FROM meowmx.subscription_status() ORDER BY subscription, partition"
         ).fetchall()
         state["list_parked"] = call_sql(conn, "list_parked", subscription="upg")
     return state

@@ -32,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from meowmx import demo
 from meowmx.client import Client, RecordedEvent
+from meowmx.connection import connect
 from meowmx.errors import MeowmxError
 from meowmx.follower import CHANNEL, Follower
 from meowmx.install import applied_versions, install, latest_version, migrations, script
@@ -74,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         _say(error.message)
         return error.code
-    except MeowmxError as error:
-        _say(f"{error.message} ({error.sqlstate})", error.detail, error.hint)
+    except MeowmxError as error:  # UndecodableEvent has no SQLSTATE: the client raised it
+        state = f" ({error.sqlstate})" if error.sqlstate else ""
+        _say(f"{error.message}{state}", error.detail, error.hint)
         return 1
     except psycopg.Error as error:
         _say(*_describe(error))
@@ -417,7 +419,7 @@ class Target:
     def connect(self) -> psycopg.Connection[Any]:
         """An autocommit connection, or a one-line CliError saying why there is none."""
         try:
-            return psycopg.connect(self.dsn, autocommit=True)
+            return connect(self.dsn)  # prepares nothing: fine behind a pooler
         except psycopg.Error as error:
             raise CliError(f"cannot connect to {self.shown}: {_one_line(error)}", 2) from None
 
@@ -543,6 +545,8 @@ def _parse_json(text: str, what: str) -> Any:
             f"{what} is not valid JSON: {error.msg} (line {error.lineno} column {error.colno})",
             2,
         ) from None
+    except RecursionError:
+        raise CliError(f"{what} is nested too deeply for Python to read", 2) from None
 
 
 def _append(args: argparse.Namespace) -> int:
@@ -634,7 +638,9 @@ def sigterm_interrupts() -> Iterator[None]:
 def _tail(args: argparse.Namespace) -> int:
     with (
         _database(args) as (target, conn),
-        Follower(target.connect, poll_interval=args.poll) as follower,
+        Follower(
+            target.connect, poll_interval=args.poll, notice=lambda message: _say(message)
+        ) as follower,
     ):
         follower.listen()  # before the first read, so that no append falls in between
         client = Client(conn)
@@ -714,6 +720,7 @@ def _subscriptions(args: argparse.Namespace) -> int:
         "attempts",
         "last error",
         "parked",
+        "worker transaction",
     ]
     rows = [
         [
@@ -726,6 +733,7 @@ def _subscriptions(args: argparse.Namespace) -> int:
             s.attempts,
             s.last_error,
             s.parked,
+            s.worker_transaction_age,
         ]
         for s in status
     ]
@@ -767,6 +775,13 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 def _horizon(args: argparse.Namespace) -> int:
     with _database(args) as (_, conn):
+        if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
+            # A standby's horizon follows the primary's transactions, which it cannot list.
+            _say(
+                "this server is a hot standby: the transactions holding its read horizon"
+                " back run on the primary; run meowmx horizon against the primary"
+            )
+            return 0
         blockers = Client(conn).horizon_blockers()
     if args.json:
         json_lines(sys.stdout, blockers)

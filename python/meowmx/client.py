@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -11,10 +12,10 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import RowMaker, class_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from meowmx.connection import Connector, Target
-from meowmx.errors import translated
+from meowmx.errors import UndecodableEvent, translated
 
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")
@@ -64,9 +65,16 @@ class RecordedEvent:
 
 @dataclass(slots=True)
 class ClaimedEvent(RecordedEvent):
-    """An event handed to a worker by claim_batch, with the partition it came from."""
+    """An event handed to a worker by claim_batch, with the partition it came from.
+
+    `attempts`: the failures the server recorded for it so far (0 the first time).
+    `decode_error`: set when its data or metadata cannot be decoded here (then they
+    are empty); a Worker nacks such an event without calling the handler.
+    """
 
     partition: int
+    attempts: int = 0
+    decode_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,9 @@ class PartitionStatus:
     last_error: str | None
     retry_at: datetime.datetime | None
     parked: int
+    # The lease owner's open transaction (a transactional batch), where visible.
+    worker_pid: int | None = None
+    worker_transaction_age: datetime.timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -124,21 +135,53 @@ class HorizonBlocker:
 
 
 _EVENT_FIELDS = [f.name for f in fields(RecordedEvent)]
+_CLAIMED_FIELDS = [f.name for f in fields(ClaimedEvent) if f.name != "decode_error"]
+
+
+class _Undecodable:
+    """What a JSON value that json.loads refused loads as (see _safe_loads)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _safe_loads(data: bytes | str) -> Any:
+    # A value nested deeper than Python's recursion limit is valid jsonb, but
+    # json.loads raises RecursionError, which would fail the whole page (or claim).
+    try:
+        return json.loads(data)
+    except RecursionError as error:
+        return _Undecodable(error)
 
 
 def event_rows(cursor: psycopg.Cursor[Any]) -> RowMaker[RecordedEvent]:
     """Row factory for meowmx.recorded_event and claimed_event rows.
 
-    Picks columns by name, so columns a later schema adds are ignored.
+    Picks columns by name, so columns a later schema adds are ignored. An event
+    whose JSON cannot be decoded raises UndecodableEvent in a read; in a claim it
+    arrives with `decode_error` set, so that the worker can nack it.
     """
     names = [column.name for column in cursor.description or ()]
-    cls = ClaimedEvent if "partition" in names else RecordedEvent
-    where = [names.index(f.name) for f in fields(cls)]
+    claimed = "partition" in names
+    cls = ClaimedEvent if claimed else RecordedEvent
+    where = [names.index(name) for name in (_CLAIMED_FIELDS if claimed else _EVENT_FIELDS)]
     xid = _EVENT_FIELDS.index("transaction_id")
+    data, metadata = _EVENT_FIELDS.index("data"), _EVENT_FIELDS.index("metadata")
 
     def make(values: Sequence[Any]) -> RecordedEvent:
         picked = [values[i] for i in where]
         picked[xid] = int(picked[xid])  # xid8 arrives as text
+        for i in (data, metadata):
+            if isinstance(picked[i], _Undecodable):
+                error = picked[i].error
+                reason = f"{type(error).__name__}: {error}"
+                if not claimed:
+                    raise UndecodableEvent(picked[0], reason)
+                picked[data], picked[metadata] = {}, None
+                picked.append(reason)
+                break
         return cls(*picked)
 
     return make
@@ -148,7 +191,7 @@ _EVENT_COLUMNS = (
     "position, transaction_id::text, category, stream_id, version, event_type,"
     " data, metadata, event_id, recorded_at, cursor"
 )
-_CLAIMED_COLUMNS = "partition, " + _EVENT_COLUMNS
+_CLAIMED_COLUMNS = "partition, " + _EVENT_COLUMNS + ", attempts"
 
 
 class Client:
@@ -157,14 +200,32 @@ class Client:
     Every method takes `conn=`: pass your own connection to make the call part of
     your transaction (so events and read-model writes commit together). meowmx
     never commits a connection it was given.
+
+    `read_target` (a DSN, connection or pool, e.g. a hot standby) serves the reads
+    of the event log: read_stream, read_events, end_cursor, stream_version,
+    list_streams, load_snapshot. It lags the primary: an append is not there at once.
+    `prepared_statements=True` lets psycopg prepare statements (after 5 runs); off by
+    default, since a transaction-mode pooler breaks them (see meowmx.connection).
     """
 
-    def __init__(self, target: Target):
-        self._connect = Connector(target)
+    def __init__(
+        self,
+        target: Target,
+        *,
+        read_target: Target | None = None,
+        prepared_statements: bool = False,
+    ):
+        self._connect = Connector(target, prepared_statements=prepared_statements)
+        self._read = (
+            self._connect
+            if read_target is None
+            else Connector(read_target, prepared_statements=prepared_statements)
+        )
 
     def close(self) -> None:
-        """Close the connection the client opened for a DSN, if any."""
+        """Close the connections the client opened for a DSN, if any."""
         self._connect.close()
+        self._read.close()
 
     def __enter__(self) -> Client:
         return self
@@ -172,19 +233,27 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, conn: Conn | None, sql: str, params: Mapping[str, Any]) -> list[Any]:
-        with self._connect(conn) as c, translated():
-            return c.execute(sql, params).fetchall()
+    def _call(
+        self, conn: Conn | None, sql: str, params: Mapping[str, Any], *, read: bool = False
+    ) -> list[Any]:
+        connector = self._read if read else self._connect
+        with connector(conn) as c, translated():
+            return c.execute(sql, params, prepare=connector.prepare).fetchall()
 
     def _events(
-        self, conn: Conn | None, sql: str, params: Mapping[str, Any]
+        self, conn: Conn | None, sql: str, params: Mapping[str, Any], *, read: bool = False
     ) -> list[RecordedEvent]:
-        with self._connect(conn) as c, translated(), c.cursor(row_factory=event_rows) as cur:
-            return cur.execute(sql, params).fetchall()
+        connector = self._read if read else self._connect
+        with connector(conn) as c, translated(), c.cursor(row_factory=event_rows) as cur:
+            set_json_loads(_safe_loads, cur)
+            return cur.execute(sql, params, prepare=connector.prepare).fetchall()
 
-    def _objects(self, cls: type[T], sql: str, params: Mapping[str, Any]) -> list[T]:
-        with self._connect(None) as c, translated(), c.cursor(row_factory=class_row(cls)) as cur:
-            return cur.execute(sql, params).fetchall()
+    def _objects(
+        self, cls: type[T], sql: str, params: Mapping[str, Any], *, read: bool = False
+    ) -> list[T]:
+        connector = self._read if read else self._connect
+        with connector(None) as c, translated(), c.cursor(row_factory=class_row(cls)) as cur:
+            return cur.execute(sql, params, prepare=connector.prepare).fetchall()
 
     # Appends ------------------------------------------------------------------
 
@@ -249,7 +318,8 @@ class Client:
     def stream_version(self, category: str, stream_id: str, *, conn: Conn | None = None) -> int:
         """The stream's current version; 0 if it does not exist."""
         sql = "SELECT meowmx.stream_version(category => %(category)s, stream_id => %(stream_id)s)"
-        version: int = self._call(conn, sql, {"category": category, "stream_id": stream_id})[0][0]
+        params = {"category": category, "stream_id": stream_id}
+        version: int = self._call(conn, sql, params, read=True)[0][0]
         return version
 
     def read_stream_page(
@@ -276,6 +346,7 @@ class Client:
                 "max_count": max_count,
                 "backwards": backwards,
             },
+            read=True,
         )
 
     def read_stream(
@@ -326,6 +397,7 @@ class Client:
                 "categories": None if categories is None else list(categories),
                 "event_types": None if event_types is None else list(event_types),
             },
+            read=True,
         )
 
     def read_events(
@@ -358,7 +430,7 @@ class Client:
     def end_cursor(self, *, conn: Conn | None = None) -> str:
         """A cursor after every event readable now: reading after it returns only
         events that commit later (including those of transactions open now)."""
-        cursor: str = self._call(conn, "SELECT meowmx.end_cursor()", {})[0][0]
+        cursor: str = self._call(conn, "SELECT meowmx.end_cursor()", {}, read=True)[0][0]
         return cursor
 
     def list_streams(
@@ -370,7 +442,7 @@ class Client:
             " max_count => %(max_count)s)"
         )
         params = {"category": category, "after": after, "max_count": max_count}
-        return self._objects(StreamSummary, sql, params)
+        return self._objects(StreamSummary, sql, params, read=True)
 
     def delete_stream(
         self, category: str, stream_id: str, *, before_version: int | None = None
@@ -415,7 +487,7 @@ class Client:
             " stream_id => %(stream_id)s, max_version => %(max_version)s)"
         )
         params = {"category": category, "stream_id": stream_id, "max_version": max_version}
-        found = self._objects(Snapshot, sql, params)
+        found = self._objects(Snapshot, sql, params, read=True)
         return found[0] if found else None
 
     def schema_version(self, *, conn: Conn | None = None) -> int:
@@ -535,6 +607,13 @@ class Client:
             },
         )[0][0]
         return parked
+
+    def renew_lease(self, subscription: str, worker: str, *, conn: Conn | None = None) -> int:
+        """Extend the worker's leases without acking; returns how many it still holds."""
+        sql = "SELECT meowmx.renew_lease(subscription => %(subscription)s, worker => %(worker)s)"
+        params = {"subscription": subscription, "worker": worker}
+        renewed: int = self._call(conn, sql, params)[0][0]
+        return renewed
 
     def release(self, subscription: str, worker: str) -> int:
         """Give up the worker's leases; returns how many partitions it held."""

@@ -1,4 +1,8 @@
-"""Typed exceptions: one class per meowmx SQLSTATE, and the one place that maps them."""
+"""Typed exceptions: one class per meowmx SQLSTATE, and the one place that maps them.
+
+Also the one place that says which database errors are worth retrying
+(`retryable`), and how a worker names an error in its log (`describe`).
+"""
 
 from __future__ import annotations
 
@@ -225,6 +229,19 @@ class SchemaTooNew(MeowmxError):
     sqlstate = "MX090"
 
 
+class UndecodableEvent(MeowmxError):
+    """A stored event whose data or metadata this Python cannot decode (JSON nested
+    deeper than its recursion limit). Raised by reads; a Worker nacks such an event,
+    so that it is parked after max_attempts, and goes on."""
+
+    def __init__(self, position: int, reason: str):
+        super().__init__(
+            f"event {position} cannot be decoded: {reason}",
+            facts={"position": position},
+        )
+        self.position = position
+
+
 def _classes(base: type[MeowmxError]) -> Iterator[type[MeowmxError]]:
     for cls in base.__subclasses__():
         yield cls
@@ -238,6 +255,9 @@ ERRORS: dict[str, type[MeowmxError]] = {
 __all__ = [
     "MeowmxError",
     "InvalidSubscriptionArgument",
+    "UndecodableEvent",
+    "retryable",
+    "describe",
     *(cls.__name__ for cls in ERRORS.values()),
 ]
 
@@ -263,3 +283,54 @@ def translated() -> Iterator[None]:
         if typed is None:
             raise
         raise typed from error
+
+
+# Errors that are not meowmx's, by SQLSTATE or its class (first two characters):
+# the condition passes, so the same call may succeed later. Anything else (bad SQL,
+# a constraint, writing on a read replica: 25006) fails again the same way.
+_RETRYABLE = {
+    "08": "connection exception",
+    "40001": "serialization failure",
+    "40P01": "deadlock",
+    "53": "insufficient resources (disk full, out of memory, too many connections)",
+    "55P03": "lock not available (lock_timeout)",
+    "57014": "query canceled (statement_timeout, or a cancel request)",
+    "57P01": "server shutting down",
+    "57P02": "server crashed",
+    "57P03": "server starting up or in recovery",
+    "57P05": "idle session timeout",
+    "25P03": "idle-in-transaction timeout",
+    "25P04": "transaction timeout",
+    "58": "system error (I/O)",
+    "MX004": "StaleTransaction: retry the transaction",
+    "MX022": "LeaseLost: claim again",
+    "MX023": "NotInBatch: claim again",
+}
+
+
+def retryable(error: BaseException) -> bool:
+    """True if the failed call (or transaction) may succeed when tried again: a lost
+    connection, a serialization failure or deadlock, a statement or lock timeout,
+    disk full and other resource shortages, a server restart, and meowmx's MX004,
+    MX022 and MX023. Retry appends with the same event ids, so a retry of an append
+    that did commit returns the stored result instead of writing it twice."""
+    if isinstance(error, MeowmxError):
+        return error.sqlstate in _RETRYABLE
+    if not isinstance(error, psycopg.Error):
+        return False
+    state = error.sqlstate
+    if state is None:  # no answer from a server: the connection broke or never came up
+        return isinstance(error, psycopg.OperationalError)
+    return state in _RETRYABLE or state[:2] in _RETRYABLE
+
+
+def describe(error: BaseException) -> str:
+    """One line naming the error: its class, SQLSTATE and message."""
+    state = getattr(error, "sqlstate", None)
+    if isinstance(error, MeowmxError):
+        message = error.message
+    elif isinstance(error, psycopg.Error) and error.diag.message_primary:
+        message = error.diag.message_primary
+    else:
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}{f' ({state})' if state else ''}: {message}"

@@ -19,6 +19,8 @@ from typing import Any
 
 import psycopg
 
+from meowmx.connection import connect as _connect_dsn
+
 Conn = psycopg.Connection[Any]
 
 CHANNEL = "meowmx"  # the channel meowmx._notify() sends on
@@ -40,6 +42,12 @@ class Follower:
     `connect` is a DSN or a function returning a new connection for LISTEN (opened on
     first use, and again if it breaks); None polls only. `stop` set makes wait()
     return within a fraction of a second.
+
+    It polls only, and tells `notice` once why, where LISTEN cannot work: on a hot
+    standby (LISTEN is refused during recovery), and, unless `direct` says the
+    connection reaches the server itself, behind a connection pooler, where LISTEN
+    would sit on a pooled server connection that nobody reads. A pooler hands its
+    client a backend pid (in BackendKeyData) that differs from pg_backend_pid().
     """
 
     def __init__(
@@ -48,10 +56,15 @@ class Follower:
         *,
         poll_interval: float,
         stop: threading.Event | None = None,
+        notice: Callable[[str], None] | None = None,
+        direct: bool = False,
     ):
         self._connect = _connector(connect) if isinstance(connect, str) else connect
         self.poll_interval = poll_interval
         self._stop = stop if stop is not None else threading.Event()
+        self._notice = notice
+        self._direct = direct
+        self.polling_only: str | None = None  # why LISTEN is off, once found out
         self._conn: Conn | None = None
         self._fresh = False  # a new LISTEN: events may have committed before it
         self._catch_up_to: int | None = None  # an xid8: read until the horizon passes it
@@ -79,12 +92,34 @@ class Follower:
             try:
                 # Outside a transaction: LISTEN takes effect now, notifications arrive.
                 conn.autocommit = True
-                conn.execute(f"LISTEN {CHANNEL}")
+                why = self._why_not_listen(conn)
+                if why is None:
+                    conn.execute(f"LISTEN {CHANNEL}")
             except BaseException:
                 conn.close()
                 raise
+            if why is not None:
+                conn.close()
+                self._connect, self.polling_only = None, why
+                if self._notice is not None:
+                    self._notice(f"{why}; polling every {self.poll_interval:g} s")
+                return None
             self._conn, self._fresh = conn, True
         return self._conn
+
+    def _why_not_listen(self, conn: Conn) -> str | None:
+        row = conn.execute("SELECT pg_backend_pid(), pg_is_in_recovery()").fetchone()
+        assert row is not None
+        pid, in_recovery = row
+        if in_recovery:
+            return "LISTEN is off: the server is a hot standby (LISTEN cannot run in recovery)"
+        if not self._direct and pid != conn.info.backend_pid:
+            return (
+                "LISTEN is off: the connection goes through a pooler (server pid"
+                f" {pid}, the connection reports {conn.info.backend_pid}); pass"
+                " listen_dsn, a direct connection to the server, for prompt delivery"
+            )
+        return None
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until there may be new events to read (at most `timeout` seconds)."""
@@ -126,7 +161,7 @@ class Follower:
 
 
 def _connector(dsn: str) -> Callable[[], Conn]:
-    return lambda: psycopg.connect(dsn, autocommit=True)
+    return lambda: _connect_dsn(dsn)
 
 
 def _horizon(conn: Conn) -> int:

@@ -4,6 +4,9 @@ Several workers (threads or processes) share one subscription: each claims a
 partition at a time, so every stream's events are handled in order by one
 worker. Delivery is at-least-once: make handlers idempotent, or use
 `transactional=True` so the handler's writes commit together with the ack.
+
+A worker keeps going: a database error of one call is logged by name and retried
+after a growing pause; only stop(), SIGTERM/SIGINT or a bug in the worker ends run().
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import psycopg
 
 from meowmx.client import ClaimedEvent, Client, Conn
 from meowmx.connection import Target
-from meowmx.errors import LeaseLost, NotInBatch
+from meowmx.errors import LeaseLost, MeowmxError, NotInBatch, UndecodableEvent, describe
 from meowmx.follower import Follower
 
 log = logging.getLogger("meowmx.worker")
@@ -38,12 +41,23 @@ def default_backoff(attempt: int) -> timedelta:
     return timedelta(seconds=min(60.0, 0.1 * 2 ** (attempt - 1)))
 
 
+_MAX_PAUSE = 30.0  # seconds: the longest wait after failed database calls
+
+
 class Worker:
     """Runs `handler` over the events of `subscription`.
 
     `target` is a DSN, connection or pool (or a Client). With `transactional=True`
     the handler is called as `handler(event, conn)` inside a transaction that also
     acks the batch, so its writes to the same database take effect exactly once.
+    That transaction is bounded by the lease: a statement, or a pause between two,
+    longer than the lease ends it (it is retried), so that a stuck worker cannot hold
+    the cluster's read horizon back for long; meanwhile a second connection renews
+    the lease, so a batch may take longer than the lease.
+
+    `listen_dsn` is where to LISTEN: a direct connection to the server, when `target`
+    goes through a pooler. Without it the worker listens on the target's DSN, unless
+    that turns out to be a pooler or a hot standby: then it polls, and logs so once.
     """
 
     def __init__(
@@ -75,11 +89,12 @@ class Worker:
         self.poll_interval = poll_interval
         self.transactional = transactional
         self.backoff = backoff
+        self._listen_direct = listen_dsn is not None  # given: trusted to reach the server
         self.listen_dsn = listen_dsn if listen_dsn is not None else _dsn_of(self.client)
         if not listen:
             self.listen_dsn = None
         self.stop_event = threading.Event()
-        self._failures: dict[int, int] = {}  # event position -> attempts seen here
+        self._renewer: Client | None = None  # opened for the first transactional batch
 
     def stop(self) -> None:
         """Ask the worker to stop after the batch in hand."""
@@ -110,6 +125,7 @@ class Worker:
         renew_at = time.monotonic() + heartbeat
         for done, event in enumerate(batch):
             try:
+                _decoded(event)
                 self.handler(event)  # type: ignore[call-arg]
             except Exception as error:  # noqa: BLE001  (any handler failure is a nack)
                 self._nack(event, error)
@@ -121,7 +137,7 @@ class Worker:
         return len(batch)
 
     def _handle_in_transaction(self, batch: list[ClaimedEvent]) -> int:
-        with self.client._connect() as conn:
+        with self._renewing(), self.client._connect() as conn:
             # A failure rolls back the whole transaction: apply the events before
             # it again (and again, should one of those fail now), then nack it.
             done, error = len(batch), None
@@ -140,8 +156,10 @@ class Worker:
         failure: tuple[int, Exception] | None = None
         try:
             with conn.transaction():
+                self._bound(conn)
                 for index, event in enumerate(events):
                     try:
+                        _decoded(event)
                         self.handler(event, conn)  # type: ignore[call-arg]
                     except Exception as error:  # noqa: BLE001
                         failure = (index, error)
@@ -151,13 +169,60 @@ class Worker:
             return failure
         return None
 
+    def _bound(self, conn: Conn) -> None:
+        """Limit the batch's transaction by the lease, and name it after the worker
+        (subscription_status shows it); SET LOCAL, so it ends with the transaction."""
+        limit = f"{max(1, int(self.lease.total_seconds() * 1000))}ms"
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %(limit)s, true),"
+            " set_config('statement_timeout', %(limit)s, true),"
+            " set_config('application_name', %(name)s, true)",
+            {"limit": limit, "name": f"meowmx worker {self.name}"[:63]},
+            prepare=self.client._connect.prepare,
+        )
+
+    @contextmanager
+    def _renewing(self) -> Iterator[None]:
+        """Renew the leases every third of the lease, on another connection, while a
+        transactional batch runs: its ack (the only heartbeat of a plain batch) must
+        wait for its commit."""
+        renewer = self._renewer_client()
+        if renewer is None:
+            yield
+            return
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lease.total_seconds() / 3):
+                try:
+                    if renewer.renew_lease(self.subscription, self.name) == 0:
+                        return  # taken over or reset: the batch's ack will be refused
+                except (psycopg.Error, MeowmxError) as error:
+                    log.warning("worker %s could not renew: %s", self.name, describe(error))
+
+        thread = threading.Thread(target=renew, name=f"{self.name}-renew", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def _renewer_client(self) -> Client | None:
+        if self._renewer is None:
+            target = self.client._connect.target
+            if isinstance(target, psycopg.Connection):
+                return None  # one connection: nothing to renew on while the batch runs
+            self._renewer = Client(
+                target, prepared_statements=self.client._connect.prepared_statements
+            )
+        return self._renewer
+
     def _ack(self, event: ClaimedEvent, conn: Conn | None = None) -> None:
         self.client.ack(self.subscription, self.name, event.partition, event.position, conn=conn)
-        self._failures.clear()
 
     def _nack(self, event: ClaimedEvent, error: Exception, conn: Conn | None = None) -> None:
-        attempt = self._failures.get(event.position, 0) + 1
-        self._failures = {event.position: attempt}
+        attempt = event.attempts + 1  # the server's count: it survives restarts
         parked = self.client.nack(
             self.subscription,
             self.name,
@@ -184,22 +249,43 @@ class Worker:
         Waits for the append NOTIFY and also polls every poll_interval seconds, so
         a lost notification or a pooler that drops LISTEN never stalls it.
         """
-        follower = Follower(self.listen_dsn, poll_interval=self.poll_interval, stop=self.stop_event)
+        follower = Follower(
+            self.listen_dsn,
+            poll_interval=self.poll_interval,
+            stop=self.stop_event,
+            notice=lambda message: log.warning("worker %s: %s", self.name, message),
+            direct=self._listen_direct,
+        )
+        failures = 0
         with self._signals(handle_signals), follower:
             try:
                 while not self.stop_event.is_set():
                     try:
-                        if self.run_once():
-                            continue
-                        follower.wait()
-                    except psycopg.OperationalError as error:
-                        log.warning("worker %s lost its connection: %s", self.name, error)
-                        self.stop_event.wait(self.poll_interval)
+                        handled = self.run_once()
+                        failures = 0
+                        if not handled:
+                            follower.wait()
+                    except (psycopg.Error, MeowmxError) as error:
+                        # One failed call (a lost connection, a timeout, disk full...):
+                        # its batch comes back to this worker or another; keep going.
+                        failures += 1
+                        pause = min(_MAX_PAUSE, self.poll_interval * 2 ** min(failures - 1, 16))
+                        log.warning(
+                            "worker %s: %s; trying again in %.2g s",
+                            self.name,
+                            describe(error),
+                            pause,
+                        )
+                        self.stop_event.wait(pause)
             finally:
                 try:
                     self.client.release(self.subscription, self.name)
-                except psycopg.Error as error:
-                    log.warning("worker %s could not release its leases: %s", self.name, error)
+                except (psycopg.Error, MeowmxError) as error:
+                    log.warning(
+                        "worker %s could not release its leases: %s", self.name, describe(error)
+                    )
+                if self._renewer is not None:
+                    self._renewer.close()
                 if self._owns_client:
                     self.client.close()
 
@@ -218,6 +304,13 @@ class Worker:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _decoded(event: ClaimedEvent) -> None:
+    """Raise UndecodableEvent for an event whose JSON could not be decoded: a failure
+    of the event (nacked, in time parked), not of the worker."""
+    if event.decode_error is not None:
+        raise UndecodableEvent(event.position, event.decode_error)
 
 
 class _Rollback(Exception):

@@ -151,7 +151,9 @@ CREATE TYPE meowmx.claimed_event AS (
     metadata jsonb,
     event_id uuid,
     recorded_at timestamptz,
-    cursor text
+    cursor text,
+    -- Failed attempts the server recorded for this event so far (0: first delivery).
+    attempts integer
 );
 
 CREATE TYPE meowmx.parked_event AS (

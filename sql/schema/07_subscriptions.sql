@@ -4,7 +4,8 @@
 -- partition has a checkpoint (a cursor: everything at or before it is done)
 -- and at most one lease. Workers claim a partition with claim_batch, then ack
 -- or nack what they were given; each call is one short statement, so workers
--- run behind transaction-mode poolers and hold no transaction open.
+-- run behind transaction-mode poolers. Only a transactional worker holds a
+-- transaction open, for its batch (renew_lease keeps its lease meanwhile).
 
 CREATE FUNCTION meowmx._subscription(name text) RETURNS meowmx.subscriptions
 LANGUAGE plpgsql STABLE
@@ -227,7 +228,9 @@ BEGIN
                 IF sub.partitions = 1
                     OR meowmx._partition_of(ev.category, ev.stream_id, sub.partitions)
                     = part.partition THEN
-                    RETURN NEXT ROW(part.partition, ev.*)::meowmx.claimed_event;
+                    RETURN NEXT ROW(part.partition, ev.*, CASE
+                        WHEN ev.position = part.failing_position THEN part.attempts ELSE 0
+                    END)::meowmx.claimed_event;
                     returned := returned + 1;
                     last_returned := ev.position;
                     EXIT WHEN returned = max_count;
@@ -399,6 +402,29 @@ CALL meowmx._grant_execute(
     'meowmx.nack(text, text, integer, bigint, text, interval)', 'worker', 'admin'
 );
 
+-- Extends the leases the worker holds, without acknowledging anything: the
+-- heartbeat of a batch whose acks come only at its end (a transactional worker,
+-- which calls this on a connection of its own while its batch runs). A lease
+-- another worker took over stays with it. Returns how many leases were renewed.
+CREATE FUNCTION meowmx.renew_lease(subscription text, worker text) RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sub meowmx.subscriptions := meowmx._subscription(subscription);
+    renewed integer;
+BEGIN
+    PERFORM meowmx._check_name('worker', worker, 'MX040');
+    UPDATE meowmx.subscription_partitions AS p SET
+        lease_expires_at = greatest(p.lease_expires_at, clock_timestamp() + p.lease_duration)
+    WHERE p.subscription = sub.name AND p.lease_owner = worker;
+    GET DIAGNOSTICS renewed = ROW_COUNT;
+    RETURN renewed;
+END;
+$$;
+CALL meowmx._grant_execute('meowmx.renew_lease(text, text)', 'worker', 'admin');
+
 -- Gives up the worker's leases (clean shutdown). Unacknowledged events of its
 -- batches go to the next claimer. Returns how many partitions were released.
 CREATE FUNCTION meowmx.release(subscription text, worker text) RETURNS integer
@@ -426,6 +452,10 @@ CALL meowmx._grant_execute('meowmx.release(text, text)', 'worker', 'admin');
 
 -- One row per partition. events_behind counts matching events of the partition
 -- after its checkpoint, committed or not yet visible below the horizon.
+-- worker_pid and worker_transaction_age show the lease owner's open transaction
+-- (a transactional worker's batch, which holds the read horizon back): the worker
+-- names it in application_name; its age shows only where this function's owner
+-- may see that session in pg_stat_activity.
 CREATE FUNCTION meowmx.subscription_status(name text DEFAULT NULL)
 RETURNS TABLE (
     subscription text,
@@ -437,7 +467,9 @@ RETURNS TABLE (
     attempts integer,
     last_error text,
     retry_at timestamptz,
-    parked bigint
+    parked bigint,
+    worker_pid integer,
+    worker_transaction_age interval
 )
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
@@ -463,9 +495,17 @@ BEGIN
         (
             SELECT count(*) FROM meowmx.parked_events AS d
             WHERE d.subscription = s.name AND d.partition = p.partition
-        )
+        ),
+        w.pid, now() - w.xact_start
     FROM meowmx.subscriptions AS s
     INNER JOIN meowmx.subscription_partitions AS p ON p.subscription = s.name
+    LEFT JOIN LATERAL (
+        SELECT a.pid, a.xact_start FROM pg_stat_activity AS a
+        WHERE a.application_name = left('meowmx worker ' || p.lease_owner, 63)
+            AND a.backend_xid IS NOT NULL
+        ORDER BY a.xact_start
+        LIMIT 1
+    ) AS w ON true
     WHERE subscription_status.name IS NULL OR s.name = subscription_status.name
     ORDER BY s.name, p.partition;
 END;

@@ -5,4 +5,5 @@ INSERT INTO meowmx.migrations (version, name) VALUES
 (3, 'roles_and_streams'),
 (4, 'end_cursor_and_error_codes'),
 (5, 'cluster_moves'),
-(6, 'roles_optional');
+(6, 'roles_optional'),
+(7, 'workers');
