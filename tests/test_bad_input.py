@@ -170,6 +170,7 @@ VALID: dict[str, dict[str, Any]] = {
         "retry_after": timedelta(seconds=1),
     },
     "release": {"subscription": "sub", "worker": "w"},
+    "renew_lease": {"subscription": "sub", "worker": "w"},
     "reset_subscription": {"name": "sub", "start_at": "beginning"},
     "requeue_parked": {"subscription": "dead", "event_position": Ref("parked")},
     "list_parked": {"subscription": "dead"},
@@ -442,6 +443,9 @@ CASES = [
     bad("release", "MX040", "worker-empty", worker=""),
     bad("release", "MX040", "worker-256", worker=LONG),
     bad("release", "MX020", "unknown-subscription", subscription="nope"),
+    bad("renew_lease", "MX040", "worker-null", worker=None),
+    bad("renew_lease", "MX040", "worker-empty", worker=""),
+    bad("renew_lease", "MX020", "unknown-subscription", subscription="nope"),
     # reset_subscription
     bad("reset_subscription", "MX028", "start_at-middle", start_at="middle"),
     bad("reset_subscription", "MX028", "start_at-null", start_at=None),
