@@ -144,6 +144,6 @@ def wait_until_blocked(conn: Connection, pid: int) -> None:
     wait_until(blocked, f"backend {pid} to wait for a lock")
 
 
-# meowmx._horizon()'s probe of the newest stored order id: one index entry, read
-# backwards from the end of the commit order index. Plan checks leave it out.
-HORIZON_PROBE = "max(e.transaction_id) FROM meowmx.events"
+# meowmx._horizon()'s probe for order ids this cluster has not handed out: one descent
+# of the commit order index, past its end. Plan checks leave it out.
+HORIZON_PROBE = "WHERE e.transaction_id >= meowmx._next_xid()"

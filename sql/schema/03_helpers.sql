@@ -207,6 +207,20 @@ BEGIN
 END;
 $$;
 
+-- Above every transaction id this cluster has handed out: age() of an xid counts up
+-- to the next id to hand out, for a transaction that holds none (one that holds an
+-- id gets its own). Not the snapshot's xmax, one past the newest *ended* transaction:
+-- running appenders hold ids at or past it, and a probe of the log above xmax visits
+-- their rows (12 % more CPU per append at 8 clients); above this bound this
+-- cluster's log has no rows. (At an epoch wrap age() of a special xid is 2^31 - 1:
+-- the probe then finds nothing, for that instant.)
+CREATE FUNCTION meowmx._next_xid() RETURNS xid8
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN (
+    pg_snapshot_xmax(pg_current_snapshot())::text::numeric
+    + age((pg_snapshot_xmax(pg_current_snapshot())::text::numeric % 4294967296)::text::xid)
+)::text::xid8;
+
 -- What reads deliver up to, as an order id: the oldest transaction still running
 -- anywhere in the cluster (shifted). An event that commits late is never skipped.
 CREATE FUNCTION meowmx._horizon() RETURNS xid8
@@ -214,8 +228,12 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF (SELECT max(e.transaction_id) FROM meowmx.events AS e)
-        >= pg_snapshot_xmax(pg_current_snapshot()) THEN
+    -- An order id this cluster has not handed out: the log came from another one.
+    -- (ORDER BY ... LIMIT, not EXISTS: the planner must take the index, not a scan.)
+    IF (
+        SELECT e.transaction_id FROM meowmx.events AS e
+        WHERE e.transaction_id >= meowmx._next_xid() ORDER BY e.transaction_id LIMIT 1
+    ) IS NOT NULL THEN
         RETURN meowmx._shifted(pg_snapshot_xmin(pg_current_snapshot()), meowmx._order_shift());
     END IF;
     RETURN pg_snapshot_xmin(pg_current_snapshot());
