@@ -44,11 +44,10 @@ CREATE FUNCTION meowmx._shifted(xid xid8, shift numeric) RETURNS xid8
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN shift = 0 THEN xid ELSE (xid::text::numeric + shift)::text::xid8 END;
 
--- The shift to add to this cluster's transaction ids. Callers ask only when the
--- newest stored id is at or past the snapshot's xmax, which never happens where the
--- log was written (only ended transactions are visible, and they are all below it):
--- the log came from another cluster. Until adopt_cluster() has shifted new ids past
--- it, reads and appends would misplace events, so they are refused.
+-- The shift to add to this cluster's transaction ids. Callers ask only when the log
+-- holds an id at or past what this cluster has handed out, which never happens where
+-- the log was written: it came from another cluster. Until adopt_cluster() has
+-- shifted new ids past it, reads and appends would misplace events: they are refused.
 CREATE FUNCTION meowmx._order_shift() RETURNS numeric
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
