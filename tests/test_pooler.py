@@ -3,9 +3,10 @@ loopback port in front of the test server).
 
 psycopg prepares a statement after 5 runs; behind PgBouncer < 1.21 the next run lands
 on another server connection ("prepared statement _pg3_0 does not exist"), so meowmx
-prepares nothing by default. LISTEN would sit on a pooled server connection that
-nobody reads: a worker finds out (the pid the pooler reports is not the server's) and
-polls, saying so once, unless given listen_dsn, a direct connection.
+prepares nothing behind a pooler by default (it does on a direct connection). LISTEN
+would sit on a pooled server connection that nobody reads: a worker finds out (the
+pid the pooler reports is not the server's) and polls, saying so once, unless given
+listen_dsn, a direct connection.
 
 Locally without PgBouncer these tests skip; in CI (CI=true) they fail instead.
 """
@@ -216,3 +217,19 @@ def test_listen_dsn_gives_prompt_delivery_behind_a_pooler(
         worker.stop()
         thread.join(30)
     assert not [m for m in worker_log if "pooler" in m], worker_log
+
+
+PREPARED = "SELECT count(*) FROM pg_prepared_statements WHERE statement ~ 'meowmx.append_event'"
+
+
+def test_statements_are_prepared_on_a_direct_connection_only(dsn: str, bouncer: PgBouncer) -> None:
+    """By default prepared directly (it saves the parse and plan of every call), never
+    through the pooler; prepared_statements=False turns it off."""
+    for prepared_statements, expected in [(None, 1), (False, 0)]:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            client = Client(conn, prepared_statements=prepared_statements)
+            for _ in range(8):  # psycopg prepares after 5 runs
+                client.append("prep", str(uuid.uuid4()), "Added", {})
+            assert scalar(conn, PREPARED) == expected, prepared_statements
+    with psycopg.connect(bouncer.dsn(dsn), autocommit=True) as pooled:
+        assert Client(pooled)._connect.prepare(pooled) is False

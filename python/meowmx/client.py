@@ -204,8 +204,9 @@ class Client:
     `read_target` (a DSN, connection or pool, e.g. a hot standby) serves the reads
     of the event log: read_stream, read_events, end_cursor, stream_version,
     list_streams, load_snapshot. It lags the primary: an append is not there at once.
-    `prepared_statements=True` lets psycopg prepare statements (after 5 runs); off by
-    default, since a transaction-mode pooler breaks them (see meowmx.connection).
+    `prepared_statements` lets psycopg prepare statements (after 5 runs); by default
+    (None) only on direct connections, since a transaction-mode pooler breaks them
+    (see meowmx.connection).
     """
 
     def __init__(
@@ -213,7 +214,7 @@ class Client:
         target: Target,
         *,
         read_target: Target | None = None,
-        prepared_statements: bool = False,
+        prepared_statements: bool | None = None,
     ):
         self._connect = Connector(target, prepared_statements=prepared_statements)
         self._read = (
@@ -238,7 +239,7 @@ class Client:
     ) -> list[Any]:
         connector = self._read if read else self._connect
         with connector(conn) as c, translated():
-            return c.execute(sql, params, prepare=connector.prepare).fetchall()
+            return c.execute(sql, params, prepare=connector.prepare(c)).fetchall()
 
     def _events(
         self, conn: Conn | None, sql: str, params: Mapping[str, Any], *, read: bool = False
@@ -246,14 +247,14 @@ class Client:
         connector = self._read if read else self._connect
         with connector(conn) as c, translated(), c.cursor(row_factory=event_rows) as cur:
             set_json_loads(_safe_loads, cur)
-            return cur.execute(sql, params, prepare=connector.prepare).fetchall()
+            return cur.execute(sql, params, prepare=connector.prepare(c)).fetchall()
 
     def _objects(
         self, cls: type[T], sql: str, params: Mapping[str, Any], *, read: bool = False
     ) -> list[T]:
         connector = self._read if read else self._connect
         with connector(None) as c, translated(), c.cursor(row_factory=class_row(cls)) as cur:
-            return cur.execute(sql, params, prepare=connector.prepare).fetchall()
+            return cur.execute(sql, params, prepare=connector.prepare(c)).fetchall()
 
     # Appends ------------------------------------------------------------------
 

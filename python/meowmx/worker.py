@@ -178,7 +178,7 @@ class Worker:
             " set_config('statement_timeout', %(limit)s, true),"
             " set_config('application_name', %(name)s, true)",
             {"limit": limit, "name": f"meowmx worker {self.name}"[:63]},
-            prepare=self.client._connect.prepare,
+            prepare=self.client._connect.prepare(conn),
         )
 
     @contextmanager
