@@ -84,6 +84,20 @@ def bin_dir() -> Path:
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 
+def extension_dir(dsn: str) -> Path:
+    """The extension directory of `dsn`'s server, which tests write meowmx's extension
+    files into (skips, or fails in CI, where this machine may not write it)."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'").fetchone()
+    assert row is not None
+    directory = Path(row[0]) / "extension"
+    need(
+        os.access(directory, os.W_OK),
+        f"the server's extension directory {directory} is not writable",
+    )
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,26 +3,14 @@ same catalog as the plain-SQL install."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
-import pytest
 
 import meowmx
 from catalog import catalog_of, differences
+from clusters import extension_dir
 from meowmx.install import write_extension
-
-
-def extension_dir(dsn: str) -> Path:
-    """The server's extension directory, when this machine can write it."""
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'").fetchone()
-    directory = Path(row[0]) / "extension" if row else None
-    if directory is None or not os.access(directory, os.W_OK):
-        pytest.skip(f"the server's extension directory {directory} is not writable from here")
-    return directory
 
 
 def test_create_extension_gives_the_same_schema(extra_db: Callable[[], str]) -> None:

@@ -23,10 +23,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import meowmx
+from clusters import extension_dir
 from meowmx import cli
 from meowmx.install import write_extension
 from support import raises_meowmx, wait_until
-from test_extension import extension_dir
 from test_privileges import KINDS, check_privilege_matrix, denied, roles_of
 from test_upgrade import install_version
 

@@ -9,7 +9,6 @@ server under test (PostgreSQL 15 or 18 in CI), so on 15 this is also a major-ver
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,17 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 import meowmx
-from clusters import Cluster, bin_dir, cluster, initdb, need, run, scratch, start, tool
+from clusters import (
+    Cluster,
+    bin_dir,
+    cluster,
+    extension_dir,
+    initdb,
+    run,
+    scratch,
+    start,
+    tool,
+)
 from meowmx.install import write_extension
 from support import (
     STORED_EVENT_COLUMNS,
@@ -248,23 +257,12 @@ def test_a_restore_into_the_same_cluster_needs_no_step(extra_db: Callable[[], st
         check_continues(conn, before, source_drain)
 
 
-def _extension_dir(dsn: str) -> Path:
-    with psycopg.connect(dsn) as conn:
-        sharedir = scalar(conn, "SELECT setting FROM pg_config WHERE name = 'SHAREDIR'")
-    directory = Path(sharedir) / "extension"
-    need(
-        os.access(directory, os.W_OK),
-        f"the server's extension directory {directory} is not writable",
-    )
-    return directory
-
-
 def test_extension_install_survives_a_restore_into_a_new_cluster(
     extra_db: Callable[[], str], new_cluster: Cluster, tmp_path: Path
 ) -> None:
     source = extra_db()
-    write_extension(_extension_dir(source))
-    write_extension(_extension_dir(new_cluster.dsn()))
+    write_extension(extension_dir(source))
+    write_extension(extension_dir(new_cluster.dsn()))
     burn_transaction_ids(source, next_xid(new_cluster.dsn()) + 1000)
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION meowmx")

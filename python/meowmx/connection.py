@@ -88,6 +88,8 @@ class Connector:
             with self._lock:
                 if self._own is None or self._own.closed or self._own.broken:
                     self._own = connect(self.target, prepared_statements=self.prepared_statements)
+                    # connect() asked already: it prepares only where direct.
+                    self._direct[self._own] = self._own.prepare_threshold is not None
                 yield self._own
         else:
             with connection(self.target) as conn:
