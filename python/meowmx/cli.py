@@ -34,7 +34,7 @@ from meowmx import demo
 from meowmx.client import Client, RecordedEvent
 from meowmx.connection import connect
 from meowmx.errors import MeowmxError
-from meowmx.follower import CHANNEL, Follower
+from meowmx.follower import CHANNEL, Follower, stop_on_signals
 from meowmx.install import applied_versions, install, latest_version, migrations, script
 from meowmx.output import event_json, is_tty, json_lines, table
 
@@ -636,10 +636,11 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def _tail(args: argparse.Namespace) -> int:
+    stop = threading.Event()  # Ctrl-C or SIGTERM: the normal way to stop
     with (
         _database(args) as (target, conn),
         Follower(
-            target.connect, poll_interval=args.poll, notice=lambda message: _say(message)
+            target.connect, poll_interval=args.poll, stop=stop, notice=lambda message: _say(message)
         ) as follower,
     ):
         follower.listen()  # before the first read, so that no append falls in between
@@ -647,20 +648,18 @@ def _tail(args: argparse.Namespace) -> int:
         after = client.end_cursor() if args.from_end else args.after
         if is_tty(sys.stderr) and is_tty(sys.stdout):
             print(f"{PROG}: following events; Ctrl-C to stop", file=sys.stderr)
-        try:
-            with sigterm_interrupts():
-                follow(
-                    client,
-                    follower,
-                    after=after,
-                    categories=args.category,
-                    event_types=args.types,
-                    timeout=args.timeout,
-                    max_events=args.max_events,
-                    emit=_print_flushed,
-                )
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop
-            pass
+        with stop_on_signals(stop):
+            follow(
+                client,
+                follower,
+                after=after,
+                categories=args.category,
+                event_types=args.types,
+                timeout=args.timeout,
+                max_events=args.max_events,
+                emit=_print_flushed,
+                stop=stop,
+            )
     return 0
 
 
@@ -679,16 +678,19 @@ def follow(
     timeout: float | None,
     max_events: int | None,
     emit: Callable[[RecordedEvent], None],
+    stop: threading.Event,
 ) -> int:
-    """Pass events to `emit` as they pass the read horizon; returns how many."""
+    """Pass events to `emit` as they pass the read horizon, until `stop`; returns how many."""
     page_size = 1000
     deadline = None if timeout is None else time.monotonic() + timeout
     count = 0
-    while True:
+    while not stop.is_set():
         page = client.read_events_page(
             after=after, max_count=page_size, categories=categories, event_types=event_types
         )
         for event in page:
+            if stop.is_set():
+                return count
             emit(event)
             after = event.cursor
             count += 1
@@ -702,6 +704,7 @@ def follow(
             follower.wait(left)
         else:
             return count
+    return count
 
 
 def _subscriptions(args: argparse.Namespace) -> int:

@@ -12,9 +12,12 @@ This module is the one place that protocol lives; the Worker and `meowmx tail` u
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import psycopg
@@ -158,6 +161,29 @@ class Follower:
             if woke:
                 return True
         return False
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` (in the main thread; elsewhere this does nothing).
+
+    Setting a flag, not raising KeyboardInterrupt: an exception raised in the middle of
+    a database call would leave its connection busy, and the clean-up that follows
+    (release the leases, close) would fail on it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _connector(dsn: str) -> Callable[[], Conn]:

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from types import FrameType
 
 import psycopg
 
 from meowmx.client import ClaimedEvent, Client, Conn
 from meowmx.connection import Target
 from meowmx.errors import LeaseLost, MeowmxError, NotInBatch, UndecodableEvent, describe
-from meowmx.follower import Follower
+from meowmx.follower import Follower, stop_on_signals
 
 log = logging.getLogger("meowmx.worker")
 
@@ -257,7 +255,7 @@ class Worker:
             direct=self._listen_direct,
         )
         failures = 0
-        with self._signals(handle_signals), follower:
+        with stop_on_signals(self.stop_event) if handle_signals else nullcontext(), follower:
             try:
                 while not self.stop_event.is_set():
                     try:
@@ -288,22 +286,6 @@ class Worker:
                     self._renewer.close()
                 if self._owns_client:
                     self.client.close()
-
-    @contextmanager
-    def _signals(self, enabled: bool) -> Iterator[None]:
-        if not enabled or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self.stop()
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def _decoded(event: ClaimedEvent) -> None:
