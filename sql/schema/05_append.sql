@@ -32,10 +32,7 @@ BEGIN
     -- This transaction's own earlier appends may be at or past its snapshot's xmax:
     -- that is no sign of a move.
     IF last_transaction_id IS NULL THEN
-        moved := (
-            SELECT x.transaction_id FROM meowmx.events AS x
-            WHERE x.transaction_id >= meowmx._next_xid() ORDER BY x.transaction_id LIMIT 1
-        ) IS NOT NULL;
+        moved := meowmx._foreign_log();
     ELSE
         moved := last_transaction_id >= pg_snapshot_xmax(pg_current_snapshot())
             AND last_transaction_id IS DISTINCT FROM pg_current_xact_id_if_assigned();
