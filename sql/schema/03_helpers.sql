@@ -228,6 +228,7 @@ RETURN (
 -- pg_restore or a replication copy, and no session appends to or reads a log then.
 CREATE FUNCTION meowmx._foreign_log() RETURNS boolean
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF current_setting('meowmx.own_log', true) = 'checked' THEN
@@ -239,8 +240,7 @@ BEGIN
     ) IS NOT NULL THEN
         RETURN true;
     END IF;
-    -- Not a function SET clause: that would undo this at the function's exit.
-    PERFORM pg_catalog.set_config('meowmx.own_log', 'checked', false);
+    PERFORM set_config('meowmx.own_log', 'checked', false);  -- for the session
     RETURN false;
 END;
 $$;
