@@ -32,7 +32,9 @@ BEGIN
     -- This transaction's own earlier appends may be at or past its snapshot's xmax:
     -- that is no sign of a move.
     IF last_transaction_id IS NULL THEN
-        moved := meowmx._foreign_log();
+        -- (The session's answer, read here: a call costs more than the check.)
+        moved := current_setting('meowmx.own_log', true) IS DISTINCT FROM 'checked'
+            AND meowmx._foreign_log();
     ELSE
         moved := last_transaction_id >= pg_snapshot_xmax(pg_current_snapshot())
             AND last_transaction_id IS DISTINCT FROM pg_current_xact_id_if_assigned();
