@@ -65,6 +65,7 @@ def workers(dsn: str) -> Iterator[Callable[..., Worker]]:
     yield make
     for worker in made:
         worker.stop()
+        worker._close_renewer()  # run() does this; tests that call run_once() do not
         worker.client.close()
 
 
@@ -362,6 +363,32 @@ def test_a_poison_event_is_parked_the_rest_handled_and_requeue_delivers_it(
     assert calls[poison] == 4
     # What followed it in its partition comes again (at-least-once, order kept).
     assert handled == [poison, *a_after]
+
+
+def test_one_handler_call_longer_than_the_lease_keeps_it(
+    conn: Connection, client: Client, workers: Callable[..., Worker], dsn: str
+) -> None:
+    """A plain handler can't ack in the middle of an event: the renewer keeps the lease."""
+    client.create_subscription(SUB)
+    events = append(conn, "s1", 2)
+    wait_for_horizon(conn)
+    thief_got: list[int] = []
+    seen: list[int] = []
+
+    def slow(event: ClaimedEvent) -> None:
+        seen.append(event.position)
+        if event.version == 1:  # 4 s in one call, a lease of 1.5 s; meanwhile, steal
+            deadline = time.monotonic() + 4
+            with Client(dsn) as other:
+                while time.monotonic() < deadline:
+                    thief_got.extend(e.position for e in other.claim_batch(SUB, "thief"))
+                    time.sleep(0.05)
+
+    worker = workers(slow, lease=timedelta(seconds=1.5))
+    assert worker.run_once() == 2
+    assert seen == events
+    assert thief_got == []
+    assert status(client)[0].events_behind == 0
 
 
 def test_a_slow_batch_keeps_its_lease_with_heartbeat_acks(

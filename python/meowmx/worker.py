@@ -92,7 +92,10 @@ class Worker:
         if not listen:
             self.listen_dsn = None
         self.stop_event = threading.Event()
-        self._renewer: Client | None = None  # opened for the first transactional batch
+        self._renewer: Client | None = None  # opened for the first batch, with its thread
+        self._batch_since: float | None = None  # when the batch in hand was claimed
+        self._renew_thread: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def stop(self) -> None:
         """Ask the worker to stop after the batch in hand."""
@@ -108,17 +111,18 @@ class Worker:
         if not batch:
             return 0
         try:
-            if self.transactional:
-                return self._handle_in_transaction(batch)
-            return self._handle(batch)
+            with self._renewing():
+                if self.transactional:
+                    return self._handle_in_transaction(batch)
+                return self._handle(batch)
         except (LeaseLost, NotInBatch) as lost:
             # Taken over (lease expired) or reset: another claimer has these events.
             log.warning("worker %s dropped its batch: %s", self.name, lost.message)
             return 0
 
     def _handle(self, batch: list[ClaimedEvent]) -> int:
-        # A slow batch acks what it has done every third of the lease: that keeps
-        # the lease, and a crash redelivers less.
+        # A slow batch acks what it has done every third of the lease: a crash then
+        # redelivers less (and with one connection, no renewer, it keeps the lease).
         heartbeat = self.lease.total_seconds() / 3
         renew_at = time.monotonic() + heartbeat
         for done, event in enumerate(batch):
@@ -135,7 +139,7 @@ class Worker:
         return len(batch)
 
     def _handle_in_transaction(self, batch: list[ClaimedEvent]) -> int:
-        with self._renewing(), self.client._connect() as conn:
+        with self.client._connect() as conn:
             # A failure rolls back the whole transaction: apply the events before
             # it again (and again, should one of those fail now), then nack it.
             done, error = len(batch), None
@@ -181,30 +185,32 @@ class Worker:
 
     @contextmanager
     def _renewing(self) -> Iterator[None]:
-        """Renew the leases every third of the lease, on another connection, while a
-        transactional batch runs: its ack (the only heartbeat of a plain batch) must
-        wait for its commit."""
-        renewer = self._renewer_client()
-        if renewer is None:
+        """Keep the leases while a batch is in hand, however long one handler call takes:
+        a thread renews them on another connection once the batch is a third of the
+        lease old, and every third of the lease after that. (A transactional batch can't
+        ack before it commits; a plain one acks only between events.)"""
+        if self._renewer_client() is None:
             yield
             return
-        done = threading.Event()
-
-        def renew() -> None:
-            while not done.wait(self.lease.total_seconds() / 3):
-                try:
-                    if renewer.renew_lease(self.subscription, self.name) == 0:
-                        return  # taken over or reset: the batch's ack will be refused
-                except (psycopg.Error, MeowmxError) as error:
-                    log.warning("worker %s could not renew: %s", self.name, describe(error))
-
-        thread = threading.Thread(target=renew, name=f"{self.name}-renew", daemon=True)
-        thread.start()
+        self._batch_since = time.monotonic()
         try:
             yield
         finally:
-            done.set()
-            thread.join()
+            self._batch_since = None
+
+    def _renew_while_in_batch(self, renewer: Client) -> None:
+        # Looks every third of the lease: a batch is renewed at most two thirds of the
+        # lease after its claim. One thread per worker, not per batch: it costs nothing
+        # to a batch that ends sooner.
+        period = self.lease.total_seconds() / 3
+        while not self._closing.wait(period):
+            since = self._batch_since
+            if since is None or time.monotonic() - since < period:
+                continue
+            try:
+                renewer.renew_lease(self.subscription, self.name)
+            except (psycopg.Error, MeowmxError) as error:
+                log.warning("worker %s could not renew: %s", self.name, describe(error))
 
     def _renewer_client(self) -> Client | None:
         if self._renewer is None:
@@ -214,7 +220,23 @@ class Worker:
             self._renewer = Client(
                 target, prepared_statements=self.client._connect.prepared_statements
             )
+            self._renew_thread = threading.Thread(
+                target=self._renew_while_in_batch,
+                args=(self._renewer,),
+                name=f"{self.name}-renew",
+                daemon=True,
+            )
+            self._renew_thread.start()
         return self._renewer
+
+    def _close_renewer(self) -> None:
+        self._closing.set()
+        if self._renew_thread is not None:
+            self._renew_thread.join(timeout=10)
+        if self._renewer is not None:
+            self._renewer.close()
+        self._renewer, self._renew_thread = None, None
+        self._closing.clear()
 
     def _ack(self, event: ClaimedEvent, conn: Conn | None = None) -> None:
         self.client.ack(self.subscription, self.name, event.partition, event.position, conn=conn)
@@ -282,8 +304,7 @@ class Worker:
                     log.warning(
                         "worker %s could not release its leases: %s", self.name, describe(error)
                     )
-                if self._renewer is not None:
-                    self._renewer.close()
+                self._close_renewer()
                 if self._owns_client:
                     self.client.close()
 
