@@ -6,4 +6,5 @@ INSERT INTO meowmx.migrations (version, name) VALUES
 (4, 'end_cursor_and_error_codes'),
 (5, 'cluster_moves'),
 (6, 'roles_optional'),
-(7, 'workers');
+(7, 'workers'),
+(8, 'session_move_check');
