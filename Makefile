@@ -9,7 +9,7 @@ MEOWMX_PG_PORT ?= 5432
 COMPOSE_DSN ?= postgresql://postgres@127.0.0.1:$(MEOWMX_PG_PORT)/postgres
 PY_DIRS := python tests examples benchmarks
 
-.PHONY: setup test lint fmt demo bench bench-smoke test-pg15 install-extension compose-up compose-test clean
+.PHONY: setup test lint fmt demo bench bench-smoke bench-instructions test-pg15 install-extension compose-up compose-test clean
 
 setup: $(STAMP)
 
@@ -39,9 +39,15 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 
+# Server instructions per call (callgrind): this schema beside BASE (default 3).
+BASE ?= 3
+bench-instructions: $(STAMP)
+	$(BIN)/python benchmarks/instructions.py --base $(BASE)
+
 # Every workload, tiny: CI checks that the benchmark runs, not its timings.
 bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --smoke
+	$(BIN)/python benchmarks/instructions.py --smoke
 
 # The suite against the machine's PostgreSQL 15 (fixtures make their own databases there).
 test-pg15: $(STAMP)

@@ -90,9 +90,10 @@ def build_world(conn: Connection) -> dict[str, Any]:
     call_sql(conn, "create_subscription", name="sub", categories=["cart"], partitions=2)
     call_sql(conn, "create_subscription", name="dead", max_attempts=1)
     wait_for_horizon(conn)
-    ((partition, position),) = call_sql(
-        conn, "claim_batch", "partition, position", subscription="sub", worker="w", max_count=1
-    )
+    ((partition, position, claimed_cursor),) = call_sql(
+        conn, "claim_batch", "partition, position, cursor", subscription="sub", worker="w",
+        max_count=1,
+    )  # fmt: skip
     last = conn.execute("SELECT max(position) FROM meowmx.events").fetchone()[0]  # type: ignore[index]
     ((parked,),) = call_sql(
         conn, "claim_batch", "position", subscription="dead", worker="d", max_count=1
@@ -114,6 +115,8 @@ def build_world(conn: Connection) -> dict[str, Any]:
         "parked": parked,
         "dead_next": dead_next,
         "cursor": cursor,
+        "claimed_cursor": claimed_cursor,
+        "end": call_sql(conn, "end_cursor")[0][0],
     }
 
 
@@ -155,6 +158,19 @@ VALID: dict[str, dict[str, Any]] = {
     "stream_version": {"category": "cart", "stream_id": "1"},
     "create_subscription": {"name": "new", "categories": ["cart"], "partitions": 2},
     "claim_batch": {"subscription": "sub", "worker": "w2"},
+    "claim_partition": {"subscription": "sub", "worker": "w3"},
+    "read_partition": {
+        "subscription": "sub",
+        "partition": Ref("partition"),
+        "after": Ref("cursor"),
+        "until": Ref("end"),
+    },
+    "ack_through": {
+        "subscription": "sub",
+        "worker": "w",
+        "partition": Ref("partition"),
+        "cursor": Ref("claimed_cursor"),
+    },
     "ack": {
         "subscription": "sub",
         "worker": "w",
@@ -208,6 +224,7 @@ MORE_VALID: list[tuple[str, dict[str, Any], Any]] = [
      [(False,)]),  # the same definition again
     ("create_subscription", {"name": "new", "start_at": Ref("cursor")}, [(True,)]),
     ("claim_batch", {"subscription": "sub", "worker": "w"}, None),  # the lease holder
+    ("claim_partition", {"subscription": "sub", "worker": "w"}, None),
     ("nack", {"subscription": "dead", "worker": "d", "partition": 0,
               "event_position": Ref("dead_next"), "error": "boom"}, [(True,)]),  # parks
     ("reset_subscription", {"name": "sub", "start_at": Ref("cursor")}, None),
@@ -413,6 +430,30 @@ CASES = [
     bad("claim_batch", "MX041", "lease-negative", lease=timedelta(seconds=-1)),
     bad("claim_batch", "MX041", "lease-2-days", lease=timedelta(days=2)),
     bad("claim_batch", "MX041", "lease-null", lease=None),
+    # claim_partition, read_partition, ack_through: batches read on a standby
+    bad("claim_partition", "MX020", "unknown-subscription", subscription="nope"),
+    bad("claim_partition", "MX040", "worker-null", worker=None),
+    bad("claim_partition", "MX040", "worker-empty", worker=""),
+    bad("claim_partition", "MX041", "lease-0", lease=timedelta(0)),
+    bad("claim_partition", "MX041", "lease-null", lease=None),
+    bad("read_partition", "MX020", "unknown-subscription", subscription="nope"),
+    bad("read_partition", "MX042", "partition--1", partition=-1),
+    bad("read_partition", "MX042", "partition-2", partition=2),
+    bad("read_partition", "MX042", "partition-null", partition=None),
+    bad("read_partition", "MX014", "max_count-0", max_count=0),
+    bad("read_partition", "MX014", "max_count-10001", max_count=10001),
+    bad("read_partition", "MX015", "until-malformed", until="x", detail="x"),
+    bad("read_partition", "MX015", "until-null", until=None),
+    bad("read_partition", "MX015", "after-malformed", after="1:"),
+    bad("ack_through", "MX020", "unknown-subscription", subscription="nope"),
+    bad("ack_through", "MX040", "worker-null", worker=None),
+    bad("ack_through", "MX042", "partition--1", partition=-1),
+    bad("ack_through", "MX022", "partition-not-leased", partition=Ref("other_partition")),
+    bad("ack_through", "MX022", "other-worker", worker="intruder"),
+    bad("ack_through", "MX015", "cursor-malformed", cursor="x:y"),
+    bad("ack_through", "MX015", "cursor-null", cursor=None),
+    bad("ack_through", "MX023", "cursor-at-the-start", cursor="0:0"),
+    bad("ack_through", "MX023", "cursor-beyond-the-batch", cursor=Ref("end")),
     # ack
     bad("ack", "MX020", "unknown-subscription", subscription="nope"),
     bad("ack", "MX042", "partition--1", partition=-1),
@@ -775,6 +816,11 @@ def bad_cursor(cursor: Any) -> bool:
     return not found or int(found[1]) > 2**64 - 1 or int(found[2]) > 2**63 - 1
 
 
+def bad_ref_cursor(cursor: Any) -> bool:
+    """A cursor the world names (a Ref) is a good one."""
+    return not isinstance(cursor, Ref) and bad_cursor(cursor)
+
+
 def bad_start(start_at: Any) -> bool:
     return start_at not in ("beginning", "end") and bad_cursor(start_at)
 
@@ -931,6 +977,25 @@ def expect(function: str, args: dict[str, Any], known: Known) -> str:
             (bad_max_count(get("max_count")), row("max_count-0")),
             (bad_interval(get("lease"), low_ok=False), row("lease-0")),
         )
+    if function == "claim_partition":
+        return first(
+            (missing(), row("unknown-subscription")),
+            (bad_name(get("worker")), row("worker-empty")),
+            (bad_interval(get("lease"), low_ok=False), row("lease-0")),
+        )
+    if function == "read_partition":  # then the partition, which depends on the subscription
+        return first(
+            (missing(), row("unknown-subscription")),
+            (bad_max_count(get("max_count")), row("max_count-0")),
+            (bad_ref_cursor(get("until")), row("until-malformed")),
+            (get("after") is not None and bad_ref_cursor(get("after")), row("after-malformed")),
+        )
+    if function == "ack_through":
+        return first(
+            (missing(), row("unknown-subscription")),
+            (bad_ref_cursor(get("cursor")), row("cursor-malformed")),
+            (bad_name(get("worker")), row("worker-null")),
+        )
     if function in ("ack", "nack", "release"):
         return first(
             (missing(), row("unknown-subscription")),
@@ -979,6 +1044,12 @@ OUTCOMES_AFTER_VALID_INPUT = {
         code("nack:retry_after-negative"),  # not modelled: a nack that succeeds is checked for it
     },
     "requeue_parked": {code("requeue_parked:not-parked")},
+    "read_partition": {code("read_partition:partition-2")},
+    "ack_through": {
+        code("ack_through:partition--1"),
+        code("ack_through:other-worker"),
+        code("ack_through:cursor-at-the-start"),
+    },
 }
 MODELLED = {
     *OUTCOMES_AFTER_VALID_INPUT,
@@ -988,6 +1059,7 @@ MODELLED = {
     "list_streams",
     "load_snapshot",
     "claim_batch",
+    "claim_partition",
     "release",
     "list_parked",
     "reset_subscription",

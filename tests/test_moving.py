@@ -282,6 +282,42 @@ def test_extension_install_survives_a_restore_into_a_new_cluster(
         check_continues(conn, before, source_drain)
 
 
+def test_appends_order_after_the_log_once_this_clusters_own_ids_pass_the_old_ones(
+    extra_db: Callable[[], str], new_cluster: Cluster, tmp_path: Path
+) -> None:
+    """After the move, the new cluster's raw transaction ids keep growing and in time pass
+    the old ones: a stream last written before the move must still get shifted ids."""
+    source = source_db(extra_db)
+    burn_transaction_ids(source, next_xid(new_cluster.dsn()) + 1000)
+    with psycopg.connect(source, autocommit=True) as conn:
+        build_state(conn)
+        old_newest = int(scalar(conn, "SELECT max(transaction_id)::text FROM meowmx.events"))
+    dump = tmp_path / "store.dump"
+    run(*[tool_for("pg_dump", source), "-Fc", "-f", str(dump), "-d", source])
+    copy_roles(source, new_cluster)
+    target = create_database(new_cluster.dsn(), "moved_then_caught_up")
+    run(*[tool("pg_restore"), "--exit-on-error", "-d", target, str(dump)])
+
+    # Adopted in the session that was refused; its next ids reach past every old id.
+    with psycopg.connect(target, autocommit=True) as conn:
+        with raises_meowmx(meowmx.LogFromAnotherCluster):
+            meowmx.Client(conn).append("order", "after-move", "Placed", {})
+        conn.execute("SELECT meowmx.adopt_cluster()")
+        burn_transaction_ids(target, old_newest - 100)
+        first = meowmx.Client(conn).append("order", "after-move", "Placed", {})
+    # Then this cluster's own ids pass the old ones.
+    burn_transaction_ids(target, old_newest + 10)
+    with psycopg.connect(target, autocommit=True) as conn:
+        client = meowmx.Client(conn)
+        later = [client.append("acct", "2", "Step4", {}, expected_version=3),  # an old stream
+                 client.append("order", "later", "Placed", {})]  # fmt: skip
+        wait_for_horizon(conn)
+        (first_cursor,) = [e.cursor for e in client.read_stream("order", "after-move")]
+        after_first = [e.position for e in client.read_events_page(after=first_cursor)]
+        assert after_first == [a.position for a in later]
+        assert drain(conn, "late") == sorted([first.position] + after_first)
+
+
 # A physical copy ---------------------------------------------------------------------------
 
 

@@ -49,7 +49,10 @@ WRITE = {"append_event", "append_events", "save_snapshot"}
 WORK = {
     "create_subscription",
     "claim_batch",
+    "claim_partition",
+    "read_partition",
     "ack",
+    "ack_through",
     "nack",
     "renew_lease",
     "release",

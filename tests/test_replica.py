@@ -4,14 +4,19 @@ Every read function works on the standby; a transaction that commits late on the
 primary is not skipped by a reader on the standby (the standby's snapshots know the
 primary's running transactions); `Client(read_target=standby)` reads there; `meowmx
 tail` polls there (LISTEN is refused during recovery); `meowmx horizon` says that the
-blockers are on the primary.
+blockers are on the primary. Workers that read their batches on the standby (and claim
+and ack on the primary) handle every event once, in stream order, wait for a lagging
+standby instead of skipping, are fenced after a takeover, and retry and park failures.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -19,8 +24,8 @@ import pytest
 
 import meowmx
 from clusters import Cluster, scratch, standby_of, start, wait_replayed
-from meowmx import Client
-from support import call_sql
+from meowmx import ClaimedEvent, Client, Worker
+from support import call_sql, raises_meowmx, wait_until
 
 Connection = psycopg.Connection[Any]
 DB = "meowmx_replica"
@@ -145,3 +150,147 @@ def test_cli_tail_polls_and_horizon_points_to_the_primary_on_a_standby(
         on_primary = _cli("horizon", "--dsn", primary.dsn(DB))
         assert str(open_tx.info.backend_pid) in on_primary.stdout
         open_tx.rollback()
+
+
+# Workers that read their batches on the standby --------------------------------------------
+
+
+def append_round_robin(client: Client, streams: int, per_stream: int) -> None:
+    for version in range(1, per_stream + 1):
+        for stream in range(streams):
+            client.append("order", str(stream), "Step", {"v": version})
+
+
+@pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
+def test_workers_reading_on_the_standby_handle_every_event_once_in_stream_order(
+    servers: tuple[Cluster, Cluster],
+    primary_conn: Connection,
+    standby_conn: Connection,
+    transactional: bool,
+) -> None:
+    primary, standby = servers
+    primary_conn.execute("DROP TABLE IF EXISTS handled")
+    primary_conn.execute("CREATE TABLE handled (worker text, stream text, version int, pos int)")
+    handled: list[tuple[str, str, int, int]] = []
+    lock = threading.Lock()
+
+    def handler_for(name: str) -> Callable[..., None]:
+        def handler(event: ClaimedEvent, tx: Connection | None = None) -> None:
+            row = (name, event.stream_id, event.version, event.position)
+            if tx is not None:  # written in the transaction that acks
+                tx.execute("INSERT INTO handled VALUES (%s, %s, %s, %s)", row)
+            with lock:
+                handled.append(row)
+
+        return handler
+
+    with Client(primary.dsn(DB), read_target=standby.dsn(DB)) as client:
+        client.create_subscription("ship", categories=["order"], partitions=3)
+        late = psycopg.connect(primary.dsn(DB))  # commits after the others
+        Client(late).append("order", "late", "Late", {})
+        team = [
+            Worker(primary.dsn(DB), "ship", handler_for(f"w{i}"), name=f"w{i}", batch_size=20,
+                   read_target=standby.dsn(DB), poll_interval=0.05, transactional=transactional)
+            for i in range(3)
+        ]  # fmt: skip
+        threads = [threading.Thread(target=w.run, kwargs={"handle_signals": False}) for w in team]
+        for thread in threads:
+            thread.start()
+        try:
+            append_round_robin(client, streams=12, per_stream=25)
+            wait_replayed(primary_conn, standby_conn)
+            time.sleep(0.5)
+            assert handled == []  # they committed after the late one began: it holds them
+            late.commit()
+            wait_until(lambda: len(handled) >= 301, "301 events handled", timeout=60)
+            time.sleep(0.3)  # anything handled twice would show up now
+        finally:
+            late.close()
+            for w in team:
+                w.stop()
+            for thread in threads:
+                thread.join(timeout=15)
+        positions = sorted(p for *_, p in handled)
+        assert positions == [e.position for e in client.read_events(categories=["order"])]
+        assert len(set(positions)) == 301  # each once
+        versions: dict[str, list[int]] = {}
+        for _, stream, version, _ in handled:
+            versions.setdefault(stream, []).append(version)
+        assert all(v == list(range(1, len(v) + 1)) for v in versions.values())
+        assert [p.events_behind for p in client.subscription_status("ship")] == [0, 0, 0]
+        if transactional:
+            rows = primary_conn.execute("SELECT pos FROM handled ORDER BY pos").fetchall()
+            assert [r[0] for r in rows] == positions
+
+
+def test_a_lagging_standby_delays_the_batch_and_skips_nothing(
+    servers: tuple[Cluster, Cluster], primary_conn: Connection, standby_conn: Connection
+) -> None:
+    primary, standby = servers
+    seen: list[int] = []
+    with Client(primary.dsn(DB), read_target=standby.dsn(DB)) as client:
+        client.create_subscription("lag", categories=["order"])
+        worker = Worker(client, "lag", lambda e: seen.append(e.position), name="lagging")
+        wait_replayed(primary_conn, standby_conn)  # the subscription is there
+        standby_conn.execute("SELECT pg_wal_replay_pause()")
+        try:
+            appended = [client.append("order", "1", "Step", {}).position for _ in range(5)]
+            assert worker.run_once() == 0  # leased on the primary, not on the standby yet
+            [status] = client.subscription_status("lag")
+            assert (status.lease_owner, status.events_behind) == ("lagging", 5)
+        finally:
+            standby_conn.execute("SELECT pg_wal_replay_resume()")
+        wait_replayed(primary_conn, standby_conn)
+        assert worker.run_once() == 5
+        assert seen == appended
+        assert client.subscription_status("lag")[0].events_behind == 0
+
+
+def test_an_ack_after_the_lease_was_taken_over_is_refused(
+    servers: tuple[Cluster, Cluster], primary_conn: Connection, standby_conn: Connection
+) -> None:
+    primary, standby = servers
+    with Client(primary.dsn(DB), read_target=standby.dsn(DB)) as client:
+        client.create_subscription("fence", categories=["order"])
+        for _ in range(3):
+            client.append("order", "1", "Step", {})
+        wait_replayed(primary_conn, standby_conn)
+        slow = client.claim_partition("fence", "slow", lease=timedelta(milliseconds=300))
+        assert slow is not None
+        batch = client.read_partition("fence", slow.partition, after=slow.after, until=slow.until)
+        assert len(batch) == 3
+        time.sleep(0.4)  # the lease expires
+        thief = client.claim_partition("fence", "thief")
+        assert thief is not None and thief.after == slow.after
+        with raises_meowmx(meowmx.LeaseLost):
+            client.ack_through("fence", "slow", slow.partition, batch[-1].cursor)
+        [status] = client.subscription_status("fence")
+        assert (status.lease_owner, status.checkpoint, status.events_behind) == (
+            "thief", slow.after, 3
+        )  # fmt: skip
+        client.ack_through("fence", "thief", thief.partition, batch[-1].cursor)
+        assert client.subscription_status("fence")[0].events_behind == 0
+
+
+def test_a_failing_event_read_on_the_standby_is_retried_then_parked(
+    servers: tuple[Cluster, Cluster], primary_conn: Connection, standby_conn: Connection
+) -> None:
+    primary, standby = servers
+    tries: list[tuple[int, int]] = []
+    with Client(primary.dsn(DB), read_target=standby.dsn(DB)) as client:
+        client.create_subscription("poison", categories=["order"], max_attempts=2)
+        positions = [client.append("order", "1", "Step", {"n": n}).position for n in range(3)]
+
+        def handler(event: ClaimedEvent) -> None:
+            tries.append((event.position, event.attempts))
+            if event.data["n"] == 1:
+                raise ValueError("poison")
+
+        worker = Worker(client, "poison", handler, backoff=lambda attempt: timedelta(0))
+        wait_replayed(primary_conn, standby_conn)
+        assert worker.run_once() == 1  # the first; then the failure
+        assert worker.run_once() == 0  # the failure again: parked (max_attempts 2)
+        assert worker.run_once() == 1  # the one after it
+        first, poison, last = positions
+        assert tries == [(first, 0), (poison, 0), (poison, 1), (last, 0)]
+        assert [p.position for p in client.list_parked("poison")] == [poison]

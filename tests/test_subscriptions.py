@@ -761,3 +761,50 @@ def test_a_partition_without_events_moves_its_checkpoint_past_the_others(
     assert st[1].checkpoint == cursor_of(conn, last)  # moved past 500 events of partition 0
     assert (st[1].events_behind, st[1].lease_owner) == (0, None)
     assert st[0].lease_owner == "A" and st[0].events_behind == 500
+
+
+def test_read_partition_returns_its_partition_and_ends_on_the_scans_last_event(
+    conn: Connection,
+) -> None:
+    """The batch read on a standby (read_partition works on any server): the partition's
+    events in order, then, when the scan ends on other partitions' events, the last of
+    them, so that ack_through moves the checkpoint past the whole scan."""
+    create(conn, partitions=2)
+    (mine,), (theirs,) = streams_in(0, 2, 1), streams_in(1, 2, 1)
+    first = append(conn, mine, 2)
+    others = append(conn, theirs, 5)
+    wait_for_horizon(conn)
+    [(partition, after, until, failing, attempts)] = call_sql(
+        conn, "claim_partition", "*", subscription=SUB, worker="A"
+    )
+    if partition == 1:  # the claim picks at random: hand partition 1 back, take 0
+        call_sql(conn, "ack_through", subscription=SUB, worker="A", partition=1,
+                 cursor=cursor_of(conn, others[-1]))  # fmt: skip
+        [(partition, after, until, failing, attempts)] = call_sql(
+            conn, "claim_partition", "*", subscription=SUB, worker="A"
+        )
+    assert (partition, failing, attempts) == (0, None, 0)
+
+    rows = call_sql(conn, "read_partition", "partition, position", subscription=SUB,
+                    partition=0, after=after, until=until, max_count=3)  # fmt: skip
+    # A scan of 3 x 2 events: both of partition 0, then the last of partition 1 it saw.
+    scanned_to = others[3]
+    assert rows == [(0, first[0]), (0, first[1]), (1, scanned_to)]
+    # A full batch needs no such row: max_count events of the partition end the read.
+    rows = call_sql(conn, "read_partition", "position", subscription=SUB, partition=0,
+                    after=after, until=until, max_count=1)  # fmt: skip
+    assert rows == [(first[0],)]
+
+    call_sql(conn, "ack_through", subscription=SUB, worker="A", partition=0,
+             cursor=cursor_of(conn, scanned_to))  # fmt: skip
+    assert status(conn)[0].checkpoint == cursor_of(conn, scanned_to)
+    assert status(conn)[0].events_behind == 0
+    # Before `until` only: an event appended since the claim is not in its batch.
+    later = append(conn, mine)[0]
+    wait_for_horizon(conn)
+    assert call_sql(conn, "read_partition", "position", subscription=SUB, partition=0,
+                    after=cursor_of(conn, scanned_to), until=until) == [(others[-1],)]  # fmt: skip
+    with pytest.raises(psycopg.Error) as info:
+        call_sql(conn, "ack_through", subscription=SUB, worker="A", partition=0,
+                 cursor=cursor_of(conn, later))  # fmt: skip
+    assert info.value.sqlstate == NotInBatch.sqlstate

@@ -689,8 +689,10 @@ def test_transactional_batches_longer_than_the_lease_all_commit(
     for w in team:
         original = w._handle_in_transaction
 
-        def counted(batch: list[ClaimedEvent], original: Any = original) -> int:
-            done = original(batch)
+        def counted(
+            batch: list[ClaimedEvent], through: str | None, original: Any = original
+        ) -> int:
+            done = original(batch, through)
             if done == 0:
                 dropped.append(batch[0].cursor)
             return int(done)

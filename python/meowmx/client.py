@@ -78,6 +78,18 @@ class ClaimedEvent(RecordedEvent):
 
 
 @dataclass(frozen=True)
+class PartitionClaim:
+    """A partition leased by claim_partition: its batch follows `after` and ends before
+    `until`; `attempts` failures are recorded for the event at `failing_position`."""
+
+    partition: int
+    after: str
+    until: str
+    failing_position: int | None
+    attempts: int
+
+
+@dataclass(frozen=True)
 class PartitionStatus:
     subscription: str
     partition: int
@@ -203,7 +215,8 @@ class Client:
 
     `read_target` (a DSN, connection or pool, e.g. a hot standby) serves the reads
     of the event log: read_stream, read_events, end_cursor, stream_version,
-    list_streams, load_snapshot. It lags the primary: an append is not there at once.
+    list_streams, load_snapshot, read_partition (a Worker on this client reads its
+    batches there). It lags the primary: an append is not there at once.
     `prepared_statements` lets psycopg prepare statements (after 5 runs); by default
     (None) only on direct connections, since a transaction-mode pooler breaks them
     (see meowmx.connection).
@@ -558,6 +571,73 @@ class Client:
             },
         )
         return events  # type: ignore[return-value]
+
+    def claim_partition(
+        self,
+        subscription: str,
+        worker: str,
+        *,
+        lease: timedelta = timedelta(seconds=30),
+        conn: Conn | None = None,
+    ) -> PartitionClaim | None:
+        """Lease a partition with work waiting, for a batch read with read_partition."""
+        rows = self._call(
+            conn,
+            "SELECT * FROM meowmx.claim_partition(subscription => %(subscription)s,"
+            " worker => %(worker)s, lease => %(lease)s)",
+            {"subscription": subscription, "worker": worker, "lease": lease},
+        )
+        return PartitionClaim(*rows[0]) if rows else None
+
+    def read_partition(
+        self,
+        subscription: str,
+        partition: int,
+        *,
+        after: str,
+        until: str,
+        max_count: int = 100,
+        conn: Conn | None = None,
+    ) -> list[ClaimedEvent]:
+        """The batch of a claimed partition, read on the read target (a standby). The
+        last row may be another partition's event, where the scan ended."""
+        events = self._events(
+            conn,
+            f"SELECT {_CLAIMED_COLUMNS} FROM meowmx.read_partition("
+            "subscription => %(subscription)s, partition => %(partition)s,"
+            " after => %(after)s, until => %(until)s, max_count => %(max_count)s)",
+            {
+                "subscription": subscription,
+                "partition": partition,
+                "after": after,
+                "until": until,
+                "max_count": max_count,
+            },
+            read=True,
+        )
+        return events  # type: ignore[return-value]
+
+    def ack_through(
+        self,
+        subscription: str,
+        worker: str,
+        partition: int,
+        cursor: str,
+        *,
+        conn: Conn | None = None,
+    ) -> None:
+        """Mark the partition handled up to `cursor` (from read_partition); ends the batch."""
+        self._call(
+            conn,
+            "SELECT meowmx.ack_through(subscription => %(subscription)s, worker => %(worker)s,"
+            " partition => %(partition)s, cursor => %(cursor)s)",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "partition": partition,
+                "cursor": cursor,
+            },
+        )
 
     def ack(
         self,

@@ -56,6 +56,12 @@ class Worker:
     `listen_dsn` is where to LISTEN: a direct connection to the server, when `target`
     goes through a pooler. Without it the worker listens on the target's DSN, unless
     that turns out to be a pooler or a hot standby: then it polls, and logs so once.
+
+    `read_target` (or a Client with one) is a hot standby to read the batches on: the
+    worker leases a partition on the primary (claim_partition), reads its events on the
+    standby (read_partition) and acks on the primary (ack_through), so the primary does
+    not read the events it hands out. Events reach the worker once the standby has
+    replayed them.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class Worker:
         poll_interval: float = 1.0,
         listen: bool = True,
         listen_dsn: str | None = None,
+        read_target: Target | None = None,
         transactional: bool = False,
         backoff: Callable[[int], timedelta] = default_backoff,
     ):
@@ -77,7 +84,12 @@ class Worker:
             # Claims and acks would sit in a transaction nobody commits, holding
             # the lease rows and the read horizon.
             raise ValueError("a Worker needs an autocommit connection, a DSN or a pool")
-        self.client = target if isinstance(target, Client) else Client(target)
+        if isinstance(target, Client) and read_target is not None:
+            raise ValueError("give read_target to the Client or to the Worker, not to both")
+        self.client = (
+            target if isinstance(target, Client) else Client(target, read_target=read_target)
+        )
+        self._on_standby = self.client._read is not self.client._connect
         self._owns_client = not isinstance(target, Client)
         self.subscription = subscription
         self.handler = handler
@@ -105,22 +117,50 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim one batch and handle it; returns how many events were handled."""
-        batch = self.client.claim_batch(
-            self.subscription, self.name, max_count=self.batch_size, lease=self.lease
-        )
+        batch, through = self._claim()
         if not batch:
             return 0
         try:
             with self._renewing():
                 if self.transactional:
-                    return self._handle_in_transaction(batch)
-                return self._handle(batch)
+                    return self._handle_in_transaction(batch, through)
+                return self._handle(batch, through)
         except (LeaseLost, NotInBatch) as lost:
             # Taken over (lease expired) or reset: another claimer has these events.
             log.warning("worker %s dropped its batch: %s", self.name, lost.message)
             return 0
 
-    def _handle(self, batch: list[ClaimedEvent]) -> int:
+    def _claim(self) -> tuple[list[ClaimedEvent], str | None]:
+        """The next batch, and the cursor its last ack moves to (None: its last event)."""
+        if not self._on_standby:
+            batch = self.client.claim_batch(
+                self.subscription, self.name, max_count=self.batch_size, lease=self.lease
+            )
+            return batch, None
+        while not self.stop_event.is_set():
+            claim = self.client.claim_partition(self.subscription, self.name, lease=self.lease)
+            if claim is None:
+                break
+            rows = self.client.read_partition(
+                self.subscription,
+                claim.partition,
+                after=claim.after,
+                until=claim.until,
+                max_count=self.batch_size,
+            )
+            if not rows:
+                break  # the standby has not replayed them yet
+            batch = [event for event in rows if event.partition == claim.partition]
+            if batch:
+                for event in batch:
+                    if event.position == claim.failing_position:
+                        event.attempts = claim.attempts  # the server's count
+                return batch, rows[-1].cursor
+            # The scan held only other partitions' events: move past them, look again.
+            self.client.ack_through(self.subscription, self.name, claim.partition, rows[-1].cursor)
+        return [], None
+
+    def _handle(self, batch: list[ClaimedEvent], through: str | None) -> int:
         # A slow batch acks what it has done every third of the lease: a crash then
         # redelivers less (and with one connection, no renewer, it keeps the lease).
         heartbeat = self.lease.total_seconds() / 3
@@ -135,16 +175,16 @@ class Worker:
             if time.monotonic() > renew_at and event is not batch[-1]:
                 self._ack(event)
                 renew_at = time.monotonic() + heartbeat
-        self._ack(batch[-1])
+        self._ack(batch[-1], through=through)
         return len(batch)
 
-    def _handle_in_transaction(self, batch: list[ClaimedEvent]) -> int:
+    def _handle_in_transaction(self, batch: list[ClaimedEvent], through: str | None) -> int:
         with self.client._connect() as conn:
             # A failure rolls back the whole transaction: apply the events before
             # it again (and again, should one of those fail now), then nack it.
             done, error = len(batch), None
             while done > 0:
-                failed = self._apply(conn, batch[:done])
+                failed = self._apply(conn, batch[:done], through if done == len(batch) else None)
                 if failed is None:
                     break
                 done, error = failed
@@ -152,9 +192,11 @@ class Worker:
                 self._nack(batch[done], error, conn)
             return done
 
-    def _apply(self, conn: Conn, events: list[ClaimedEvent]) -> tuple[int, Exception] | None:
-        """Handle `events` and ack the last in one transaction; on a handler error,
-        roll back and return (index, error)."""
+    def _apply(
+        self, conn: Conn, events: list[ClaimedEvent], through: str | None
+    ) -> tuple[int, Exception] | None:
+        """Handle `events` and ack the last (or through `through`) in one transaction; on
+        a handler error, roll back and return (index, error)."""
         failure: tuple[int, Exception] | None = None
         try:
             with conn.transaction():
@@ -166,7 +208,7 @@ class Worker:
                     except Exception as error:  # noqa: BLE001
                         failure = (index, error)
                         raise _Rollback from error
-                self._ack(events[-1], conn)
+                self._ack(events[-1], conn, through)
         except _Rollback:
             return failure
         return None
@@ -238,8 +280,17 @@ class Worker:
         self._renewer, self._renew_thread = None, None
         self._closing.clear()
 
-    def _ack(self, event: ClaimedEvent, conn: Conn | None = None) -> None:
-        self.client.ack(self.subscription, self.name, event.partition, event.position, conn=conn)
+    def _ack(
+        self, event: ClaimedEvent, conn: Conn | None = None, through: str | None = None
+    ) -> None:
+        if through is None:
+            self.client.ack(
+                self.subscription, self.name, event.partition, event.position, conn=conn
+            )
+        else:
+            self.client.ack_through(
+                self.subscription, self.name, event.partition, through, conn=conn
+            )
 
     def _nack(self, event: ClaimedEvent, error: Exception, conn: Conn | None = None) -> None:
         attempt = event.attempts + 1  # the server's count: it survives restarts

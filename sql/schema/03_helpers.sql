@@ -179,10 +179,10 @@ CREATE FUNCTION meowmx._shifted(xid xid8, shift numeric) RETURNS xid8
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN shift = 0 THEN xid ELSE (xid::text::numeric + shift)::text::xid8 END;
 
--- The shift to add to this cluster's transaction ids. Callers ask only when the log
--- holds an id at or past what this cluster has handed out, which never happens where
--- the log was written: it came from another cluster. Until adopt_cluster() has
--- shifted new ids past it, reads and appends would misplace events: they are refused.
+-- The shift to add to this cluster's transaction ids, once the log is known to be this
+-- cluster's: where it holds an id at or past what this cluster has handed out, it came
+-- from another cluster, and until adopt_cluster() has shifted new ids past it, reads and
+-- appends would misplace events: they are refused.
 CREATE FUNCTION meowmx._order_shift() RETURNS numeric
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -206,42 +206,24 @@ BEGIN
 END;
 $$;
 
--- Above every transaction id this cluster has handed out: age() of an xid counts up
--- to the next id to hand out, for a transaction that holds none (one that holds an
--- id gets its own). Not the snapshot's xmax, one past the newest *ended* transaction:
--- running appenders hold ids at or past it, and a probe of the log above xmax visits
--- their rows (12 % more CPU per append at 8 clients); above this bound this
--- cluster's log has no rows. (At an epoch wrap age() of a special xid is 2^31 - 1:
--- the probe then finds nothing, for that instant.)
-CREATE FUNCTION meowmx._next_xid() RETURNS xid8
-LANGUAGE sql STABLE PARALLEL SAFE
-RETURN (
-    pg_snapshot_xmax(pg_current_snapshot())::text::numeric
-    + age((pg_snapshot_xmax(pg_current_snapshot())::text::numeric % 4294967296)::text::xid)
-)::text::xid8;
-
--- Whether the log holds order ids this cluster has not handed out: it was restored or
--- copied from another cluster (see _order_shift). One descent of the commit order
--- index past its end (ORDER BY ... LIMIT, not EXISTS: the planner must take the index,
--- not a scan), about 55 us of CPU per call at 8 busy clients; so a session that found
--- none does not look again. A log gains such ids only while it is being loaded, by
--- pg_restore or a replication copy, and no session appends to or reads a log then.
-CREATE FUNCTION meowmx._foreign_log() RETURNS boolean
+-- The shift, checked by _order_shift once per session and then kept in the setting
+-- meowmx.shift: the check reads the log's last order id, about 15 % of an append. The
+-- log gains foreign ids only while pg_restore or a replication copy loads it, when no
+-- session uses it, and the shift changes only in adopt_cluster(), which clears its own
+-- session's setting: sessions opened before a load must reconnect (README). (A session
+-- that sets meowmx.shift itself misplaces only the events it appends.)
+CREATE FUNCTION meowmx._session_shift() RETURNS numeric
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    shift numeric := nullif(current_setting('meowmx.shift', true), '');
 BEGIN
-    IF current_setting('meowmx.own_log', true) = 'checked' THEN
-        RETURN false;
+    IF shift IS NULL THEN
+        shift := meowmx._order_shift();
+        PERFORM set_config('meowmx.shift', shift::text, false);  -- for the session
     END IF;
-    IF (
-        SELECT e.transaction_id FROM meowmx.events AS e
-        WHERE e.transaction_id >= meowmx._next_xid() ORDER BY e.transaction_id LIMIT 1
-    ) IS NOT NULL THEN
-        RETURN true;
-    END IF;
-    PERFORM set_config('meowmx.own_log', 'checked', false);  -- for the session
-    RETURN false;
+    RETURN shift;
 END;
 $$;
 
@@ -252,10 +234,10 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF meowmx._foreign_log() THEN
-        RETURN meowmx._shifted(pg_snapshot_xmin(pg_current_snapshot()), meowmx._order_shift());
+    IF current_setting('meowmx.shift', true) = '0' THEN  -- no call where nothing moved
+        RETURN pg_snapshot_xmin(pg_current_snapshot());
     END IF;
-    RETURN pg_snapshot_xmin(pg_current_snapshot());
+    RETURN meowmx._shifted(pg_snapshot_xmin(pg_current_snapshot()), meowmx._session_shift());
 END;
 $$;
 

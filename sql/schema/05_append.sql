@@ -2,7 +2,7 @@
 
 -- Takes the stream's lock, then returns its version after checking the
 -- expected version and the transaction order, and the shift of order ids (see
--- _order_shift). Appenders of one stream are serialized by an advisory lock
+-- _session_shift). Appenders of one stream are serialized by an advisory lock
 -- taken before the append assigns a transaction id, so transaction ids grow
 -- with stream versions.
 CREATE FUNCTION meowmx._lock_stream(
@@ -14,9 +14,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     last_transaction_id xid8;
-    moved boolean;
 BEGIN
     PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
+    -- The session's shift, read here once known: a call costs more than the read.
+    shift := coalesce(
+        nullif(current_setting('meowmx.shift', true), '')::numeric, meowmx._session_shift());
 
     SELECT e.version, e.transaction_id INTO current_version, last_transaction_id
     FROM meowmx.events AS e
@@ -24,22 +26,6 @@ BEGIN
     ORDER BY e.version DESC
     LIMIT 1;
     current_version := coalesce(current_version, 0);
-
-    -- Whether the log holds ids this cluster has not reached (see _order_shift).
-    -- The stream's last event tells, at no cost; a new stream's first append looks
-    -- at the whole log. A log moved into a cluster whose ids overlap its own can pass
-    -- the first test at a stream written long ago: adopt it before the first append.
-    -- This transaction's own earlier appends may be at or past its snapshot's xmax:
-    -- that is no sign of a move.
-    IF last_transaction_id IS NULL THEN
-        -- (The session's answer, read here: a call costs more than the check.)
-        moved := current_setting('meowmx.own_log', true) IS DISTINCT FROM 'checked'
-            AND meowmx._foreign_log();
-    ELSE
-        moved := last_transaction_id >= pg_snapshot_xmax(pg_current_snapshot())
-            AND last_transaction_id IS DISTINCT FROM pg_current_xact_id_if_assigned();
-    END IF;
-    shift := CASE WHEN moved THEN meowmx._order_shift() ELSE 0 END;
 
     IF expected_version IS NOT NULL AND NOT (
         (expected_version = -1 AND current_version > 0)
@@ -210,6 +196,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     result meowmx.appended;
+    last_transaction_id xid8;
     head record;
 BEGIN
     -- One inlined test on the hot path; the checks name the problem when it fails.
@@ -229,9 +216,37 @@ BEGIN
         RETURN result;
     END IF;
 
-    -- The common case, without arrays or a set-returning call (a third of the
-    -- cost of an append). The lock comes first, in its own statement: the
-    -- INSERT assigns the transaction id.
+    -- The common case without arrays or a set-returning call (a third of the cost of
+    -- an append). The lock comes first, in its own statement: the INSERT assigns the
+    -- transaction id. In a session that found the log its own (no shift), it is
+    -- _lock_stream inline, where it would pass: 9 % fewer instructions per append.
+    IF current_setting('meowmx.shift', true) = '0' THEN
+        PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
+        SELECT e.version, e.transaction_id INTO result.version, last_transaction_id
+        FROM meowmx.events AS e
+        WHERE e.category = append_event.category AND e.stream_id = append_event.stream_id
+        ORDER BY e.version DESC
+        LIMIT 1;
+        IF (CASE WHEN last_transaction_id IS NULL THEN coalesce(expected_version, 0) = 0
+                ELSE expected_version IS NULL OR expected_version IN (-1, result.version) END)
+            AND (pg_current_xact_id_if_assigned() >= last_transaction_id) IS NOT false THEN
+            result.version := coalesce(result.version, 0) + 1;
+            INSERT INTO meowmx.events AS e (
+                transaction_id, category, stream_id, version, event_type, data, metadata
+            )
+            VALUES (
+                pg_current_xact_id(),
+                append_event.category, append_event.stream_id, result.version,
+                append_event.event_type, append_event.data, nullif(append_event.metadata, 'null')
+            )
+            RETURNING e.position INTO result.position;
+            PERFORM meowmx._notify();
+            RETURN result;
+        END IF;
+    END IF;
+
+    -- Otherwise _lock_stream checks the log (once per session) and names the problem,
+    -- or gives the shift.
     head := meowmx._lock_stream(category, stream_id, expected_version);
     result.version := head.current_version + 1;
     INSERT INTO meowmx.events AS e (

@@ -169,6 +169,7 @@ BEGIN
     IF last_position > coalesce(pg_sequence_last_value(positions), 0) THEN
         PERFORM setval(positions, last_position);
     END IF;
+    PERFORM set_config('meowmx.shift', '', false);  -- this session checks again
     RETURN shift;
 END;
 $$;

@@ -7,4 +7,6 @@ INSERT INTO meowmx.migrations (version, name) VALUES
 (5, 'cluster_moves'),
 (6, 'roles_optional'),
 (7, 'workers'),
-(8, 'session_move_check');
+(8, 'session_move_check'),
+(9, 'session_shift'),
+(10, 'standby_batches');
