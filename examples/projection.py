@@ -40,11 +40,9 @@ if __name__ == "__main__":
         conn.execute(SCHEMA)
     with meowmx.Client(dsn) as store:
         store.create_subscription("order-totals", categories=["order"], partitions=2)
-    worker = meowmx.Worker(dsn, "order-totals", project, transactional=True)
-    handled = 0
-    while batch := worker.run_once():  # catch up, then stop (worker.run() would keep going)
-        handled += batch
-    worker.client.release("order-totals", worker.name)
+    # Catch up, then stop (worker.run() would keep going); `with` releases the leases.
+    with meowmx.Worker(dsn, "order-totals", project, transactional=True) as worker:
+        handled = worker.run_until_idle().handled
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE status = 'confirmed') FROM order_totals"

@@ -20,8 +20,7 @@ if __name__ == "__main__":
         store.create_subscription("order-printer", categories=["order"], partitions=4)
     worker = meowmx.Worker(dsn, "order-printer", show, batch_size=100)
     if "--until-idle" in sys.argv:
-        while worker.run_once():
-            pass
-        worker.client.release("order-printer", worker.name)
+        with worker:  # releases the leases at the end
+            worker.run_until_idle()
     else:
         worker.run()

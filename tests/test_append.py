@@ -7,6 +7,11 @@ test_bad_input.py's catalogue.
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import functools
+import inspect
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -459,3 +464,113 @@ def test_a_client_on_a_connection(
         client.append("cart", "1", "Created", {}, expected_version=0)
     assert client.append("cart", "1", "Added", {}, expected_version=1).version == 2
     assert stream_versions(db, "cart", "1") == [1, 2]
+
+
+# Values and helpers -------------------------------------------------------------------
+
+
+def test_expected_version_constants_mean_what_they_say(dsn: str) -> None:
+    with Client(dsn) as client:
+        assert client.append("cart", "new", "Created", {}, expected_version=meowmx.NO_STREAM)
+        with raises_meowmx(meowmx.WrongExpectedVersion):
+            client.append("cart", "new", "Created", {}, expected_version=meowmx.NO_STREAM)
+        with raises_meowmx(meowmx.WrongExpectedVersion):
+            client.append("cart", "none", "Added", {}, expected_version=meowmx.STREAM_EXISTS)
+        assert client.append("cart", "new", "Added", {}, expected_version=meowmx.STREAM_EXISTS)
+        assert client.append("cart", "new", "Added", {}, expected_version=meowmx.ANY).version == 3
+
+
+def test_both_conflicts_worth_retrying_share_a_base_class() -> None:
+    assert issubclass(meowmx.WrongExpectedVersion, meowmx.Conflict)
+    assert issubclass(meowmx.StaleTransaction, meowmx.Conflict)
+    assert not issubclass(meowmx.EventIdConflict, meowmx.Conflict)  # a retry cannot help
+
+
+def test_retry_on_conflict_reads_and_decides_again(dsn: str, connect: Any) -> None:
+    """Two writers race to take the next seat; the loser's helper reads again."""
+    with Client(dsn) as client, Client(connect()) as rival:
+        client.append("seats", "1", "Taken", {"seat": 1})
+        tries: list[int] = []
+
+        def take_next_seat() -> int:
+            events = list(client.read_stream("seats", "1"))
+            version = events[-1].version
+            if not tries:  # the rival appends between this read and this append
+                rival.append("seats", "1", "Taken", {"seat": 2})
+            tries.append(version)
+            seat = events[-1].data["seat"] + 1
+            client.append("seats", "1", "Taken", {"seat": seat}, expected_version=version)
+            return seat
+
+        assert meowmx.retry_on_conflict(take_next_seat) == 3
+        assert tries == [1, 2]
+
+        def always_late() -> None:
+            rival.append("seats", "1", "Taken", {"seat": 0})
+            client.append("seats", "1", "Taken", {}, expected_version=1)
+
+        with raises_meowmx(meowmx.WrongExpectedVersion):
+            meowmx.retry_on_conflict(always_late, attempts=3)
+        assert client.stream_version("seats", "1") == 3 + 3  # the rival's three, none of ours
+
+
+def test_datetimes_decimals_and_uuids_are_written_by_default(dsn: str) -> None:
+    at = datetime.datetime(2026, 12, 2, 18, 30, tzinfo=datetime.timezone.utc)
+    order = uuid.UUID("0b9d7f52-3c1e-4e55-8f0a-6d4c2b1a9e01")
+    data = {"at": at, "day": at.date(), "amount": decimal.Decimal("45.60"), "order": order}
+    with Client(dsn) as client:
+        client.append("order", "1", "Placed", data, metadata={"at": at})
+        client.append_many("order", "1", [NewEvent("Paid", {"amount": decimal.Decimal("1e-30")})])
+        client.save_snapshot("order", "1", 2, {"paid_at": at})
+        events = list(client.read_stream("order", "1"))
+        snapshot = client.load_snapshot("order", "1")
+    assert events[0].data == {
+        "at": "2026-12-02T18:30:00+00:00",
+        "day": "2026-12-02",
+        "amount": "45.60",  # exact, as a string
+        "order": str(order),
+    }
+    assert events[0].metadata == {"at": "2026-12-02T18:30:00+00:00"}
+    assert events[1].data == {"amount": "1E-30"}
+    assert snapshot is not None and snapshot.state == {"paid_at": "2026-12-02T18:30:00+00:00"}
+    with Client(dsn) as client, pytest.raises(TypeError, match="json_dumps"):
+        client.append("order", "1", "Odd", {"tags": {"a"}})  # a set: no default for it
+
+
+def test_json_hooks_decide_how_data_is_written_and_read(dsn: str) -> None:
+    def dumps(value: Any) -> str:
+        return json.dumps(value, default=lambda o: float(o))  # Decimals as numbers
+
+    loads = functools.partial(json.loads, parse_float=decimal.Decimal)
+    with Client(dsn, json_dumps=dumps, json_loads=loads) as client:
+        client.append("order", "2", "Placed", {"amount": decimal.Decimal("45.6")})
+        client.save_snapshot("order", "2", 1, {"total": decimal.Decimal("45.6")})
+        [event] = client.read_stream("order", "2")
+        [page] = [client.read_events_page(categories=["order"])]
+        snapshot = client.load_snapshot("order", "2")
+    assert event.data == {"amount": decimal.Decimal("45.6")}
+    assert page[-1].data == {"amount": decimal.Decimal("45.6")}
+    assert snapshot is not None and snapshot.state == {"total": decimal.Decimal("45.6")}
+
+
+def test_every_method_takes_the_callers_connection(dsn: str, connect: Any) -> None:
+    methods = [name for name, f in vars(Client).items() if callable(f) and not name.startswith("_")]
+    assert [
+        m for m in methods if "conn" not in inspect.signature(getattr(Client, m)).parameters
+    ] == ["close"]
+    tx = connect(autocommit=False)
+    with Client(dsn) as client:
+        client.append("cart", "1", "Added", {})
+        # A migration that creates a subscription and is rolled back leaves none.
+        client.create_subscription("in-migration", conn=tx)
+        assert [s.subscription for s in client.subscription_status(conn=tx)] == ["in-migration"]
+        tx.rollback()
+        assert client.subscription_status() == []
+        # A snapshot and the events after it, from one REPEATABLE READ snapshot.
+        client.save_snapshot("cart", "1", 1, {"n": 1})
+        tx.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with tx.transaction():
+            snapshot = client.load_snapshot("cart", "1", conn=tx)
+            client.append("cart", "1", "Added", {})  # commits meanwhile
+            after = list(client.read_stream("cart", "1", from_version=2, conn=tx))
+        assert snapshot is not None and snapshot.version == 1 and after == []

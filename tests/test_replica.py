@@ -11,12 +11,15 @@ standby instead of skipping, are fenced after a takeover, and retry and park fai
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -294,3 +297,63 @@ def test_a_failing_event_read_on_the_standby_is_retried_then_parked(
         first, poison, last = positions
         assert tries == [(first, 0), (poison, 0), (poison, 1), (last, 0)]
         assert [p.position for p in client.list_parked("poison")] == [poison]
+
+
+DOOMED = """
+import sys, time
+from datetime import timedelta
+import psycopg, meowmx
+
+primary, standby = sys.argv[1], sys.argv[2]
+record = psycopg.connect(primary, autocommit=True)
+
+def handler(event):
+    record.execute("INSERT INTO handled VALUES (%s)", [event.position])
+    if event.version == 3:
+        time.sleep(3600)  # stuck mid-batch until killed
+
+meowmx.Worker(primary, "kill", handler, name="doomed", lease=timedelta(seconds=1),
+              read_target=standby, poll_interval=0.05).run()
+"""
+
+
+def test_a_worker_killed_mid_batch_loses_nothing_and_its_late_ack_is_fenced(
+    servers: tuple[Cluster, Cluster],
+    primary_conn: Connection,
+    standby_conn: Connection,
+    tmp_path: Path,
+) -> None:
+    primary, standby = servers
+    primary_conn.execute("DROP TABLE IF EXISTS handled")
+    primary_conn.execute("CREATE TABLE handled (position bigint)")
+    script = tmp_path / "doomed.py"
+    script.write_text(DOOMED)
+    package_root = str(Path(meowmx.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
+    with Client(primary.dsn(DB), read_target=standby.dsn(DB)) as client:
+        client.create_subscription("kill", categories=["order"])
+        events = [client.append("order", "1", "Step", {}).position for _ in range(10)]
+        wait_replayed(primary_conn, standby_conn)
+        doomed = subprocess.Popen(
+            [sys.executable, str(script), primary.dsn(DB), standby.dsn(DB)], env=env
+        )
+        try:
+            wait_until(lambda: primary_conn.execute("SELECT count(*) FROM handled").fetchone()
+                       == (3,), "the worker to hang at its third event")  # fmt: skip
+            doomed.kill()  # SIGKILL: no ack, no release
+            assert doomed.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            if doomed.poll() is None:
+                doomed.kill()
+        [status] = client.subscription_status("kill")
+        assert status.lease_owner == "doomed"
+        acked = 10 - status.events_behind  # a heartbeat ack may have come before the hang
+
+        seen: list[int] = []
+        heir = Worker(client, "kill", lambda e: seen.append(e.position), name="heir")
+        wait_until(lambda: heir.run_once() >= 0 and len(seen) >= 10 - acked, "the heir to finish")
+        assert seen == events[acked:]  # every unacknowledged event, the third included
+        [status] = client.subscription_status("kill")
+        assert (status.lease_owner, status.events_behind) == ("heir", 0)
+        with raises_meowmx(meowmx.LeaseLost):  # the dead worker's ack, arriving late
+            client.ack_through("kill", "doomed", 0, client.end_cursor())

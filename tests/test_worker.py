@@ -911,3 +911,56 @@ def test_a_worker_keeps_going_through_database_errors(
     finally:
         worker.stop()
         thread.join(timeout=15)
+
+
+# Lifecycle ----------------------------------------------------------------------------
+
+
+def test_a_worker_used_with_with_releases_its_leases_on_exit(
+    conn: Connection, client: Client, dsn: str
+) -> None:
+    client.create_subscription(SUB, partitions=2)
+    for stream in range(6):
+        append(conn, f"s{stream}", 2)
+    wait_for_horizon(conn)
+    with Worker(dsn, SUB, lambda e: None, name="brief", batch_size=1) as worker:
+        assert worker.run_once() == 1
+        assert "brief" in {p.lease_owner for p in status(client)}
+    assert {p.lease_owner for p in status(client)} == {None}  # the next process starts at once
+    with Worker(dsn, SUB, lambda e: None, name="next") as heir:
+        assert heir.run_until_idle().handled == 11
+
+
+def test_run_until_idle_goes_past_failures_and_says_what_it_did(
+    conn: Connection, client: Client, workers: Callable[..., Worker]
+) -> None:
+    client.create_subscription(SUB, max_attempts=2)
+    positions = append(conn, "s1", 5)
+    wait_for_horizon(conn)
+    seen: list[int] = []
+
+    def handler(event: ClaimedEvent) -> None:
+        seen.append(event.position)
+        if event.version == 1:  # the first of the batch: run_once alone would return 0
+            raise RuntimeError("poison")
+
+    worker = workers(handler, backoff=lambda attempt: timedelta(0))
+    assert worker.run_until_idle() == meowmx.Drained(handled=4, failed=2, parked=1)
+    assert seen == [positions[0], positions[0], *positions[1:]]
+    assert [p.position for p in client.list_parked(SUB)] == [positions[0]]
+    assert worker.run_until_idle() == meowmx.Drained(handled=0, failed=0, parked=0)
+
+
+def test_a_handler_that_cannot_take_its_arguments_is_refused_at_once(dsn: str) -> None:
+    def plain(event: ClaimedEvent) -> None: ...
+
+    def transactional(event: ClaimedEvent, conn: Connection) -> None: ...
+
+    def either(event: ClaimedEvent, conn: Connection | None = None) -> None: ...
+
+    with pytest.raises(TypeError, match="transactional=True"):
+        Worker(dsn, SUB, transactional)
+    with pytest.raises(TypeError, match=r"handler\(event, conn\)"):
+        Worker(dsn, SUB, plain, transactional=True)
+    for ok, tx in ((plain, False), (transactional, True), (either, False), (either, True)):
+        Worker(dsn, SUB, ok, transactional=tx).close()

@@ -5,6 +5,9 @@ The logic lives in SQL functions; this package installs them and calls them.
 
 from meowmx import errors
 from meowmx.client import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
     Appended,
     ClaimedEvent,
     Client,
@@ -16,15 +19,21 @@ from meowmx.client import (
     RecordedEvent,
     Snapshot,
     StreamSummary,
+    default_json_dumps,
+    retry_on_conflict,
 )
 from meowmx.errors import *  # noqa: F403  (the typed exceptions are part of the API)
 from meowmx.install import install, latest_version, script
-from meowmx.worker import Worker
+from meowmx.worker import Drained, Worker
 
 __all__ = [
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
     "Appended",
     "ClaimedEvent",
     "Client",
+    "Drained",
     "HorizonBlocker",
     "NewEvent",
     "ParkedEvent",
@@ -34,8 +43,10 @@ __all__ = [
     "Snapshot",
     "StreamSummary",
     "Worker",
+    "default_json_dumps",
     "install",
     "latest_version",
+    "retry_on_conflict",
     "script",
     *errors.__all__,
 ]

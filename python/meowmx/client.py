@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import decimal
+import functools
 import json
+import random
+import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -15,11 +19,43 @@ from psycopg.rows import RowMaker, class_row
 from psycopg.types.json import Jsonb, set_json_loads
 
 from meowmx.connection import Connector, Target
-from meowmx.errors import UndecodableEvent, translated
+from meowmx.errors import Conflict, UndecodableEvent, translated
 
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")
 JsonObject = Mapping[str, Any]
+
+# expected_version, besides the version the stream must be at:
+ANY = None  # whatever the stream's version (no check)
+NO_STREAM = 0  # the stream must not exist yet
+STREAM_EXISTS = -1  # the stream must have an event
+
+
+def retry_on_conflict(attempt: Callable[[], T], *, attempts: int = 5) -> T:
+    """Call `attempt` again after a Conflict, at most `attempts` times in all, with a
+    short random pause between (racing writers spread out); the last Conflict
+    propagates. `attempt` must read again each time, decide, and append with the
+    expected version it read. In a transaction of your own it must be the whole
+    transaction (StaleTransaction asks for that), rolled back before it runs again."""
+    for tries in range(1, attempts):
+        try:
+            return attempt()
+        except Conflict:
+            time.sleep(0.005 * tries * random.random())
+    return attempt()
+
+
+def _json_default(value: Any) -> Any:
+    """What json.dumps cannot write by itself: datetimes, dates and times as ISO 8601,
+    UUIDs and Decimals as their text (a Decimal as a string, exactly)."""
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable: pass json_dumps=")
+
+
+default_json_dumps = functools.partial(json.dumps, default=_json_default)
 
 
 @dataclass(frozen=True)
@@ -151,7 +187,7 @@ _CLAIMED_FIELDS = [f.name for f in fields(ClaimedEvent) if f.name != "decode_err
 
 
 class _Undecodable:
-    """What a JSON value that json.loads refused loads as (see _safe_loads)."""
+    """What a JSON value that json.loads refused loads as (see _Safe)."""
 
     __slots__ = ("error",)
 
@@ -159,13 +195,28 @@ class _Undecodable:
         self.error = error
 
 
-def _safe_loads(data: bytes | str) -> Any:
-    # A value nested deeper than Python's recursion limit is valid jsonb, but
-    # json.loads raises RecursionError, which would fail the whole page (or claim).
-    try:
-        return json.loads(data)
-    except RecursionError as error:
-        return _Undecodable(error)
+class _Safe:
+    """A JSON loads that returns _Undecodable instead of raising RecursionError: a value
+    nested deeper than Python's recursion limit is valid jsonb, and the error would fail
+    the whole page (or claim). A class, not a closure: psycopg keeps one loader per
+    function, and warns that closures leak."""
+
+    __slots__ = ("loads",)
+
+    def __init__(self, loads: Callable[[bytes | str], Any]):
+        self.loads = loads
+
+    def __call__(self, data: bytes | str) -> Any:
+        try:
+            return self.loads(data)
+        except RecursionError as error:
+            return _Undecodable(error)
+
+
+@functools.cache
+def _safe(loads: Callable[[bytes | str], Any]) -> _Safe:
+    # One per loads function: psycopg makes a loader class for each, and keeps it.
+    return _Safe(loads)
 
 
 def event_rows(cursor: psycopg.Cursor[Any]) -> RowMaker[RecordedEvent]:
@@ -220,6 +271,11 @@ class Client:
     `prepared_statements` lets psycopg prepare statements (after 5 runs); by default
     (None) only on direct connections, since a transaction-mode pooler breaks them
     (see meowmx.connection).
+
+    `json_dumps` writes event data, metadata and snapshot states (default: json.dumps
+    that also writes datetimes, dates and times as ISO 8601 and UUIDs and Decimals as
+    strings); `json_loads` reads them (default json.loads; for instance
+    `functools.partial(json.loads, parse_float=decimal.Decimal)`).
     """
 
     def __init__(
@@ -228,7 +284,12 @@ class Client:
         *,
         read_target: Target | None = None,
         prepared_statements: bool | None = None,
+        json_dumps: Callable[[Any], str] = default_json_dumps,
+        json_loads: Callable[[bytes | str], Any] = json.loads,
     ):
+        self._dumps = json_dumps
+        self._json_loads = json_loads
+        self._loads = _safe(json_loads)  # for events: see event_rows
         self._connect = Connector(target, prepared_statements=prepared_statements)
         self._read = (
             self._connect
@@ -259,14 +320,21 @@ class Client:
     ) -> list[RecordedEvent]:
         connector = self._read if read else self._connect
         with connector(conn) as c, translated(), c.cursor(row_factory=event_rows) as cur:
-            set_json_loads(_safe_loads, cur)
+            set_json_loads(self._loads, cur)
             return cur.execute(sql, params, prepare=connector.prepare(c)).fetchall()
 
     def _objects(
-        self, cls: type[T], sql: str, params: Mapping[str, Any], *, read: bool = False
+        self,
+        conn: Conn | None,
+        cls: type[T],
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        read: bool = False,
     ) -> list[T]:
         connector = self._read if read else self._connect
-        with connector(None) as c, translated(), c.cursor(row_factory=class_row(cls)) as cur:
+        with connector(conn) as c, translated(), c.cursor(row_factory=class_row(cls)) as cur:
+            set_json_loads(self._json_loads, cur)
             return cur.execute(sql, params, prepare=connector.prepare(c)).fetchall()
 
     # Appends ------------------------------------------------------------------
@@ -295,9 +363,9 @@ class Client:
                 "category": category,
                 "stream_id": stream_id,
                 "event_type": event_type,
-                "data": Jsonb(data),
+                "data": Jsonb(data, self._dumps),
                 "expected_version": expected_version,
-                "metadata": None if metadata is None else Jsonb(metadata),
+                "metadata": None if metadata is None else Jsonb(metadata, self._dumps),
                 "event_id": event_id,
             },
         )[0]
@@ -321,7 +389,7 @@ class Client:
             {
                 "category": category,
                 "stream_id": stream_id,
-                "events": Jsonb([event.as_json() for event in events]),
+                "events": Jsonb([event.as_json() for event in events], self._dumps),
                 "expected_version": expected_version,
             },
         )
@@ -448,7 +516,12 @@ class Client:
         return cursor
 
     def list_streams(
-        self, category: str, *, after: str | None = None, max_count: int = 1000
+        self,
+        category: str,
+        *,
+        after: str | None = None,
+        max_count: int = 1000,
+        conn: Conn | None = None,
     ) -> list[StreamSummary]:
         """One page of a category's streams in stream id order, after `after`."""
         sql = (
@@ -456,10 +529,15 @@ class Client:
             " max_count => %(max_count)s)"
         )
         params = {"category": category, "after": after, "max_count": max_count}
-        return self._objects(StreamSummary, sql, params, read=True)
+        return self._objects(conn, StreamSummary, sql, params, read=True)
 
     def delete_stream(
-        self, category: str, stream_id: str, *, before_version: int | None = None
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        before_version: int | None = None,
+        conn: Conn | None = None,
     ) -> int:
         """Delete a stream's events (all, or those before `before_version`); admin only."""
         sql = (
@@ -467,7 +545,7 @@ class Client:
             " before_version => %(before_version)s)"
         )
         params = {"category": category, "stream_id": stream_id, "before_version": before_version}
-        deleted: int = self._call(None, sql, params)[0][0]
+        deleted: int = self._call(conn, sql, params)[0][0]
         return deleted
 
     def save_snapshot(
@@ -488,12 +566,17 @@ class Client:
                 "category": category,
                 "stream_id": stream_id,
                 "version": version,
-                "state": Jsonb(state),
+                "state": Jsonb(state, self._dumps),
             },
         )
 
     def load_snapshot(
-        self, category: str, stream_id: str, *, max_version: int | None = None
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        max_version: int | None = None,
+        conn: Conn | None = None,
     ) -> Snapshot | None:
         """The newest snapshot at or below `max_version` (default: the newest), or None."""
         sql = (
@@ -501,7 +584,7 @@ class Client:
             " stream_id => %(stream_id)s, max_version => %(max_version)s)"
         )
         params = {"category": category, "stream_id": stream_id, "max_version": max_version}
-        found = self._objects(Snapshot, sql, params, read=True)
+        found = self._objects(conn, Snapshot, sql, params, read=True)
         return found[0] if found else None
 
     def schema_version(self, *, conn: Conn | None = None) -> int:
@@ -520,10 +603,11 @@ class Client:
         partitions: int = 1,
         start_at: str = "beginning",
         max_attempts: int = 10,
+        conn: Conn | None = None,
     ) -> bool:
         """Create a subscription; True if created, False if it exists identically."""
         created: bool = self._call(
-            None,
+            conn,
             "SELECT meowmx.create_subscription(name => %(name)s, categories => %(categories)s,"
             " event_types => %(event_types)s, partitions => %(partitions)s,"
             " start_at => %(start_at)s, max_attempts => %(max_attempts)s)",
@@ -538,16 +622,18 @@ class Client:
         )[0][0]
         return created
 
-    def drop_subscription(self, name: str) -> bool:
+    def drop_subscription(self, name: str, *, conn: Conn | None = None) -> bool:
         """Drop a subscription with its checkpoints and parked events; False if absent."""
         sql = "SELECT meowmx.drop_subscription(name => %(name)s)"
-        dropped: bool = self._call(None, sql, {"name": name})[0][0]
+        dropped: bool = self._call(conn, sql, {"name": name})[0][0]
         return dropped
 
-    def reset_subscription(self, name: str, start_at: str = "beginning") -> None:
+    def reset_subscription(
+        self, name: str, start_at: str = "beginning", *, conn: Conn | None = None
+    ) -> None:
         """Move every partition to 'beginning', 'end' or a cursor."""
         sql = "SELECT meowmx.reset_subscription(name => %(name)s, start_at => %(start_at)s)"
-        self._call(None, sql, {"name": name, "start_at": start_at})
+        self._call(conn, sql, {"name": name, "start_at": start_at})
 
     def claim_batch(
         self,
@@ -696,42 +782,46 @@ class Client:
         renewed: int = self._call(conn, sql, params)[0][0]
         return renewed
 
-    def release(self, subscription: str, worker: str) -> int:
+    def release(self, subscription: str, worker: str, *, conn: Conn | None = None) -> int:
         """Give up the worker's leases; returns how many partitions it held."""
         sql = "SELECT meowmx.release(subscription => %(subscription)s, worker => %(worker)s)"
-        released: int = self._call(None, sql, {"subscription": subscription, "worker": worker})[0][
-            0
-        ]
+        params = {"subscription": subscription, "worker": worker}
+        released: int = self._call(conn, sql, params)[0][0]
         return released
 
-    def subscription_status(self, name: str | None = None) -> list[PartitionStatus]:
+    def subscription_status(
+        self, name: str | None = None, *, conn: Conn | None = None
+    ) -> list[PartitionStatus]:
         """One row per partition: checkpoint, lag, lease, failures, parked count."""
         sql = "SELECT * FROM meowmx.subscription_status(name => %(name)s)"
-        return self._objects(PartitionStatus, sql, {"name": name})
+        return self._objects(conn, PartitionStatus, sql, {"name": name})
 
-    def list_parked(self, subscription: str, *, max_count: int = 100) -> list[ParkedEvent]:
+    def list_parked(
+        self, subscription: str, *, max_count: int = 100, conn: Conn | None = None
+    ) -> list[ParkedEvent]:
         sql = (
             "SELECT * FROM meowmx.list_parked(subscription => %(subscription)s,"
             " max_count => %(max_count)s)"
         )
-        return self._objects(
-            ParkedEvent, sql, {"subscription": subscription, "max_count": max_count}
-        )
+        params = {"subscription": subscription, "max_count": max_count}
+        return self._objects(conn, ParkedEvent, sql, params)
 
-    def requeue_parked(self, subscription: str, event_position: int) -> int:
+    def requeue_parked(
+        self, subscription: str, event_position: int, *, conn: Conn | None = None
+    ) -> int:
         """Deliver a parked event again (its partition rewinds to just before it)."""
         sql = (
             "SELECT meowmx.requeue_parked(subscription => %(subscription)s,"
             " event_position => %(event_position)s)"
         )
         params = {"subscription": subscription, "event_position": event_position}
-        removed: int = self._call(None, sql, params)[0][0]
+        removed: int = self._call(conn, sql, params)[0][0]
         return removed
 
-    def horizon_blockers(self) -> list[HorizonBlocker]:
+    def horizon_blockers(self, *, conn: Conn | None = None) -> list[HorizonBlocker]:
         """Transactions holding the read horizon back, oldest first."""
         rows = self._call(
-            None,
+            conn,
             "SELECT pid, database, username, application_name, state,"
             " transaction_id::text, transaction_age, query FROM meowmx.horizon_blockers()",
             {},

@@ -42,7 +42,13 @@ class MeowmxError(Exception):
         return "\n".join(parts)
 
 
-class WrongExpectedVersion(MeowmxError):
+class Conflict(MeowmxError):
+    """A write that lost a race with another writer and wrote nothing: read again,
+    decide again, and retry (meowmx.retry_on_conflict does that). WrongExpectedVersion
+    and StaleTransaction are the two."""
+
+
+class WrongExpectedVersion(Conflict):
     """The stream is not at the version the append expected; nothing was written."""
 
     sqlstate = "MX001"
@@ -70,7 +76,7 @@ class PartialRetry(MeowmxError):
     sqlstate = "MX003"
 
 
-class StaleTransaction(MeowmxError):
+class StaleTransaction(Conflict):
     """The transaction took its id before the stream's last append: retry the transaction."""
 
     sqlstate = "MX004"
@@ -254,6 +260,7 @@ ERRORS: dict[str, type[MeowmxError]] = {
 
 __all__ = [
     "MeowmxError",
+    "Conflict",
     "InvalidSubscriptionArgument",
     "UndecodableEvent",
     "retryable",

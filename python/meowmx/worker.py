@@ -11,6 +11,7 @@ after a growing pause; only stop(), SIGTERM/SIGINT or a bug in the worker ends r
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 
 import psycopg
@@ -40,6 +42,16 @@ def default_backoff(attempt: int) -> timedelta:
 
 
 _MAX_PAUSE = 30.0  # seconds: the longest wait after failed database calls
+
+
+@dataclass(frozen=True)
+class Drained:
+    """What Worker.run_until_idle did: events handled, failures nacked (each a try of
+    an event), and of those the ones that parked their event."""
+
+    handled: int
+    failed: int
+    parked: int
 
 
 class Worker:
@@ -92,6 +104,7 @@ class Worker:
         self._on_standby = self.client._read is not self.client._connect
         self._owns_client = not isinstance(target, Client)
         self.subscription = subscription
+        _check_handler(handler, transactional)
         self.handler = handler
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.batch_size = batch_size
@@ -108,6 +121,37 @@ class Worker:
         self._batch_since: float | None = None  # when the batch in hand was claimed
         self._renew_thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._failed = self._parked = 0  # nacks so far, and of those the parking ones
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the worker's leases (its unacknowledged events go to the next
+        claimer at once, not after the lease) and close what it opened. run() ends
+        with this; after run_once or run_until_idle, call it, or use `with`."""
+        try:
+            self.client.release(self.subscription, self.name)
+        except (psycopg.Error, MeowmxError) as error:
+            log.warning("worker %s could not release its leases: %s", self.name, describe(error))
+        self._close_renewer()
+        if self._owns_client:
+            self.client.close()
+
+    def run_until_idle(self) -> Drained:
+        """Handle batches until no partition has work it may claim now (or stop()).
+        A failed event is nacked, as in run(); one whose retry is not due yet stays
+        for later, and so does the rest of its partition."""
+        handled, failed, parked = 0, self._failed, self._parked
+        while not self.stop_event.is_set():
+            before = (self._failed, handled)
+            handled += self.run_once()
+            if (self._failed, handled) == before:
+                break  # nothing claimed, handled or failed: idle
+        return Drained(handled, self._failed - failed, self._parked - parked)
 
     def stop(self) -> None:
         """Ask the worker to stop after the batch in hand."""
@@ -303,6 +347,8 @@ class Worker:
             retry_after=self.backoff(attempt),
             conn=conn,
         )
+        self._failed += 1
+        self._parked += parked
         log.log(
             logging.ERROR if parked else logging.WARNING,
             "event %s failed (%s attempt %s): %r",
@@ -349,15 +395,29 @@ class Worker:
                         )
                         self.stop_event.wait(pause)
             finally:
-                try:
-                    self.client.release(self.subscription, self.name)
-                except (psycopg.Error, MeowmxError) as error:
-                    log.warning(
-                        "worker %s could not release its leases: %s", self.name, describe(error)
-                    )
-                self._close_renewer()
-                if self._owns_client:
-                    self.client.close()
+                self.close()
+
+
+def _check_handler(handler: Callable[..., None], transactional: bool) -> None:
+    """A handler that cannot take the arguments it will get fails here, not at each
+    event (ten failed attempts and a parked event later)."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return  # no signature to check (some builtins)
+    try:
+        signature.bind(None, None) if transactional else signature.bind(None)
+    except TypeError:
+        name = f"{getattr(handler, '__name__', 'handler')}{signature}"
+        if transactional:
+            raise TypeError(
+                f"{name} cannot be called as handler(event, conn), as transactional=True"
+                " calls it; a handler of the event alone runs without transactional=True"
+            ) from None
+        raise TypeError(
+            f"{name} cannot be called as handler(event); a handler that takes the"
+            " transaction's connection too runs with transactional=True"
+        ) from None
 
 
 def _decoded(event: ClaimedEvent) -> None:
