@@ -26,7 +26,7 @@ import pytest
 
 import meowmx
 from meowmx import Client, cli, output
-from support import EVENT_COLUMNS
+from support import EVENT_COLUMNS, wait_until
 
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
 Capsys = pytest.CaptureFixture[str]
@@ -571,3 +571,107 @@ def test_subscription_status_as_json(dsn: str, capsys: Capsys) -> None:
     assert status["subscription"] == "lagging" and status["partition"] == 0
     assert status["events_behind"] == 1 and status["lease_owner"] == "w"
     assert status["lease_expires_at"][:4].isdigit()  # ISO 8601
+
+
+# Subscriptions and workers as commands ----------------------------------------------------
+
+
+def test_subscription_create_reset_and_drop(dsn: str, capsys: Capsys) -> None:
+    create = ["subscription", "create", "ship", "--category", "order", "--partitions", "2"]
+    code, out, _ = run(capsys, *create, "--dsn", dsn)
+    assert (code, out) == (0, "created subscription ship (2 partitions)\n")
+    code, out, _ = run(capsys, *create, "--dsn", dsn)
+    assert (code, out) == (0, "exists already, the same: subscription ship (2 partitions)\n")
+    code, _, err = run(capsys, *create, "--max-attempts", "3", "--dsn", dsn)
+    assert_clean_failure(code, err, "(MX021)", 1)  # another definition
+    with Client(dsn) as client:
+        client.append("order", "1", "Placed", {})
+        assert [s.partition for s in client.subscription_status("ship")] == [0, 1]
+        code, out, _ = run(
+            capsys, "subscription", "reset", "ship", "--start-at", "end", "--dsn", dsn
+        )
+        assert (code, out) == (0, "reset subscription ship to end\n")
+        assert all(s.checkpoint == client.end_cursor() for s in client.subscription_status("ship"))
+    code, _, err = run(capsys, "subscription", "reset", "ship", "--category", "x", "--dsn", dsn)
+    assert_clean_failure(code, err, "subscription reset takes no --category or --type", 2)
+    code, out, _ = run(capsys, "subscription", "drop", "ship", "--dsn", dsn)
+    assert (code, out) == (0, "dropped subscription ship\n")
+    code, _, err = run(capsys, "subscription", "drop", "ship", "--dsn", dsn)
+    assert_clean_failure(code, err, "no subscription is named 'ship': nothing dropped", 1)
+
+
+HANDLERS = """
+import os, psycopg
+
+record = psycopg.connect(os.environ["MEOWMX_DSN"], autocommit=True)
+
+def on_order(event):
+    record.execute("INSERT INTO handled VALUES (%s, %s)", [os.getpid(), event.position])
+
+def in_transaction(event, conn):
+    conn.execute("INSERT INTO handled VALUES (%s, %s)", [os.getpid(), event.position])
+"""
+
+
+def test_worker_command_runs_processes_until_sigterm(
+    dsn: str, connect: Callable[..., psycopg.Connection[Any]], tmp_path: Path
+) -> None:
+    (tmp_path / "handlers.py").write_text(HANDLERS)
+    conn = connect()
+    conn.execute("CREATE TABLE handled (pid int, position bigint)")
+    script = _console_script()
+    env = {**os.environ, "MEOWMX_DSN": dsn}
+
+    def worker(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script, "worker", *argv], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60)  # fmt: skip
+
+    for argv, status, message in [
+        (["handlers", "--subscription", "ship"], 2, "expected MODULE:FUNCTION"),
+        (["nothere:f", "--subscription", "ship"], 2, "cannot import nothere: ModuleNotFound"),
+        (["handlers:absent", "--subscription", "ship"], 2, "handlers has no function absent"),
+        (["handlers:on_order", "--subscription", "nope"], 1, "subscription not found (MX020)"),
+    ]:
+        done = worker(*argv)
+        assert (done.returncode, "Traceback" in done.stderr) == (status, False), done.stderr
+        assert message in done.stderr
+    with Client(dsn) as client:
+        client.create_subscription("ship", categories=["order"], partitions=4)
+        done = worker("handlers:in_transaction", "--subscription", "ship")  # not --transactional
+        assert done.returncode == 2 and "runs with transactional=True" in done.stderr
+
+        positions = [client.append("order", str(n % 8), "Placed", {}).position for n in range(80)]
+        service = subprocess.Popen(
+            [script, "worker", "handlers:in_transaction", "--subscription", "ship",
+             "--transactional", "--processes", "3"],
+            env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: conn.execute("SELECT count(*) FROM handled").fetchone() == (80,),
+                       "80 events handled")  # fmt: skip
+            service.send_signal(signal.SIGTERM)
+            assert service.wait(timeout=30) == 0  # every process stopped cleanly
+        finally:
+            service.kill()
+            _, log = service.communicate()
+        rows = conn.execute("SELECT pid, position FROM handled ORDER BY position").fetchall()
+        assert [r[1] for r in rows] == positions  # each once
+        assert "runs handlers:in_transaction over ship" in log
+        assert {s.lease_owner for s in client.subscription_status("ship")} == {None}  # released
+
+
+def test_read_says_which_open_transaction_holds_it_back(
+    dsn: str, connect: Callable[..., psycopg.Connection[Any]], capsys: Capsys
+) -> None:
+    blocker = connect(autocommit=False)
+    blocker.execute("SELECT pg_current_xact_id()")
+    with Client(dsn) as client:
+        client.append("order", "1", "Placed", {})  # committed after the blocker began
+    time.sleep(1.1)
+    code, out, err = run(capsys, "read", "--dsn", dsn)
+    assert (code, out) == (0, "")
+    assert f"holds reads back (pid {blocker.info.backend_pid}" in err
+    assert "see meowmx horizon" in err
+    blocker.rollback()
+    code, out, err = run(capsys, "read", "--dsn", dsn)
+    assert len(out.splitlines()) == 1 and err == ""

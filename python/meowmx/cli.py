@@ -1,4 +1,4 @@
-"""The ``meowmx`` command line: install, read, tail, subscription status and the demo.
+"""The ``meowmx`` command line: install, read, tail, subscriptions, workers and the demo.
 
 Run ``meowmx COMMAND --help``. Every command takes ``--dsn`` (default: ``$MEOWMX_DSN``).
 Output is plain text (tab-separated tables, JSON lines) when piped, and aligned tables on
@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
 import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +39,7 @@ from meowmx.errors import MeowmxError
 from meowmx.follower import CHANNEL, Follower, stop_on_signals
 from meowmx.install import applied_versions, install, latest_version, migrations, script
 from meowmx.output import event_json, is_tty, json_lines, table
+from meowmx.worker import Worker
 
 PROG = "meowmx"
 CONNECT_TIMEOUT = 10  # seconds, unless the DSN or PGCONNECT_TIMEOUT says otherwise
@@ -359,6 +362,67 @@ def _parser() -> _Parser:
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
     p = command(
+        "subscription",
+        _subscription,
+        "create, reset or drop a subscription",
+        description="create: a subscription to some categories or event types (or all), "
+        "split into partitions; it starts at the beginning, the end or a cursor. reset: "
+        "move every partition to the beginning, the end or a cursor. drop: the "
+        "subscription with its checkpoints and parked events.",
+    )
+    p.add_argument("action", choices=["create", "reset", "drop"], metavar="create|reset|drop")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--category", action="append", metavar="C", help="create: category C (repeat)")
+    p.add_argument(
+        "--type", action="append", dest="types", metavar="T", help="create: event type T (repeat)"
+    )
+    p.add_argument(
+        "--partitions", type=_positive_int, default=1, metavar="N", help="create: N partitions (1)"
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="create: park an event after N failures (10)",
+    )
+    p.add_argument(
+        "--start-at",
+        default="beginning",
+        metavar="WHERE",
+        help="create, reset: beginning (default), end, or a cursor",
+    )
+
+    p = command(
+        "worker",
+        _worker,
+        "run a handler over a subscription, as a service",
+        description="Import FUNCTION from MODULE (as python -c 'from MODULE import FUNCTION' "
+        "would, with the current directory on the path) and run it over the subscription's "
+        "events until SIGTERM or Ctrl-C: each process finishes its batch, releases its "
+        "leases and exits 0. Logs go to stderr. Exit status 2: the handler cannot be "
+        "imported or called; 1: the subscription is missing.",
+        epilog="example: meowmx worker shipping.handlers:on_order --subscription shipping "
+        "--processes 4",
+    )
+    p.add_argument("handler", metavar="MODULE:FUNCTION")
+    p.add_argument("--subscription", required=True, metavar="NAME")
+    p.add_argument(
+        "--processes", type=_positive_int, default=1, metavar="N", help="worker processes (1)"
+    )
+    p.add_argument(
+        "--transactional",
+        action="store_true",
+        help="call FUNCTION(event, conn) in the transaction that acks its batch",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=100, metavar="N", help="events per batch (100)"
+    )
+    p.add_argument(
+        "--lease", type=_seconds, default=30.0, metavar="S", help="lease of a batch, seconds (30)"
+    )
+
+    p = command(
         "dead-letters",
         _dead_letters,
         "list or requeue parked events",
@@ -612,10 +676,36 @@ def _read(args: argparse.Namespace) -> int:
             events = client.read_events(
                 after=args.after, categories=args.category, event_types=args.types, page_size=page
             )
-        out = sys.stdout
+        out, shown = sys.stdout, 0
         for event in islice(events, args.limit):
             out.write(event_json(event) + "\n")
+            shown += 1
+        if args.limit is None or shown < args.limit:  # it read up to the horizon
+            _say_held_back(client, set())
     return 0
+
+
+HELD_BACK_AFTER = datetime.timedelta(seconds=1)  # younger transactions are just writes
+
+
+def _say_held_back(client: Client, said: set[int | None]) -> None:
+    """On stderr: the transactions, open for over a second, that hold reads back (each
+    once: `said` keeps their pids). Reads end where the oldest running one began."""
+    try:
+        blockers = client.horizon_blockers()
+    except (psycopg.Error, MeowmxError):
+        return  # not allowed here, or on a standby: nothing to say
+    for b in blockers:
+        age = b.transaction_age
+        if age is None or age < HELD_BACK_AFTER or b.pid in said:
+            continue
+        said.add(b.pid)
+        who = ", ".join(x for x in (b.application_name, b.state, b.username) if x)
+        _say(
+            f"a transaction open for {age.total_seconds():.1f} s holds reads back (pid"
+            f" {b.pid}{f', {who}' if who else ''}): events that committed after it began"
+            " show once it ends; see meowmx horizon"
+        )
 
 
 @contextmanager
@@ -649,6 +739,7 @@ def _tail(args: argparse.Namespace) -> int:
         if is_tty(sys.stderr) and is_tty(sys.stdout):
             print(f"{PROG}: following events; Ctrl-C to stop", file=sys.stderr)
         with stop_on_signals(stop):
+            said: set[int | None] = set()
             follow(
                 client,
                 follower,
@@ -659,6 +750,7 @@ def _tail(args: argparse.Namespace) -> int:
                 max_events=args.max_events,
                 emit=_print_flushed,
                 stop=stop,
+                idle=lambda: _say_held_back(client, said),
             )
     return 0
 
@@ -679,8 +771,10 @@ def follow(
     max_events: int | None,
     emit: Callable[[RecordedEvent], None],
     stop: threading.Event,
+    idle: Callable[[], None] = lambda: None,
 ) -> int:
-    """Pass events to `emit` as they pass the read horizon, until `stop`; returns how many."""
+    """Pass events to `emit` as they pass the read horizon, until `stop`; returns how many.
+    `idle` runs whenever it caught up, before it waits."""
     page_size = 1000
     deadline = None if timeout is None else time.monotonic() + timeout
     count = 0
@@ -698,6 +792,7 @@ def follow(
                 return count
         if len(page) == page_size:
             continue
+        idle()
         if deadline is None:
             follower.wait()
         elif (left := deadline - time.monotonic()) > 0:
@@ -774,6 +869,107 @@ def _dead_letters(args: argparse.Namespace) -> int:
     ]
     table(sys.stdout, headers, rows, empty=f"no parked events in {args.name}")
     return 0
+
+
+def _subscription(args: argparse.Namespace) -> int:
+    if args.action != "create" and (args.category or args.types):
+        raise CliError(f"subscription {args.action} takes no --category or --type", 2)
+    with _database(args) as (_, conn):
+        client = Client(conn)
+        if args.action == "create":
+            created = client.create_subscription(
+                args.name,
+                categories=args.category,
+                event_types=args.types,
+                partitions=args.partitions,
+                start_at=args.start_at,
+                max_attempts=args.max_attempts,
+            )
+            what = "created" if created else "exists already, the same:"
+            print(f"{what} subscription {args.name} ({args.partitions} partitions)")
+        elif args.action == "reset":
+            client.reset_subscription(args.name, args.start_at)
+            print(f"reset subscription {args.name} to {args.start_at}")
+        elif client.drop_subscription(args.name):
+            print(f"dropped subscription {args.name}")
+        else:
+            raise CliError(f"no subscription is named {args.name!r}: nothing dropped")
+    return 0
+
+
+def _handler(spec: str) -> Callable[..., None]:
+    """MODULE:FUNCTION, imported with the current directory on the path."""
+    module_name, colon, name = spec.partition(":")
+    if not colon or not module_name or not name:
+        raise CliError(f"handler {spec!r}: expected MODULE:FUNCTION", 2)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001  (whatever the module raises on import)
+        raise CliError(f"cannot import {module_name}: {type(error).__name__}: {error}", 2) from None
+    handler = getattr(module, name, None)
+    if not callable(handler):
+        raise CliError(f"{module_name} has no function {name}", 2)
+    return handler  # type: ignore[no-any-return]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    target = resolve(args)
+    assert target is not None
+    handler = _handler(args.handler)
+    with target.connect() as conn:
+        Client(conn).subscription_status(args.subscription)  # MX020 now, not in a loop
+    if args.processes > 1:
+        return _worker_processes(args, target.dsn)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        worker = Worker(
+            target.dsn,
+            args.subscription,
+            handler,
+            batch_size=args.batch_size,
+            lease=datetime.timedelta(seconds=args.lease),
+            transactional=args.transactional,
+        )
+    except TypeError as error:  # a handler of the other kind (see Worker)
+        raise CliError(str(error), 2) from None
+    logging.getLogger("meowmx.worker").info(
+        "worker %s runs %s over %s", worker.name, args.handler, args.subscription
+    )
+    worker.run()  # until SIGTERM or Ctrl-C: then the batch in hand ends, leases released
+    return 0
+
+
+def _worker_processes(args: argparse.Namespace, dsn: str) -> int:
+    """N processes of one worker each; SIGTERM and Ctrl-C go to all of them. Exits 0 if
+    every one stopped cleanly, else with the first other status."""
+    argv = [sys.executable, "-m", "meowmx", "worker", args.handler]
+    argv += ["--subscription", args.subscription, "--batch-size", str(args.batch_size)]
+    argv += ["--lease", str(args.lease)] + (["--transactional"] if args.transactional else [])
+    env = {**os.environ, "MEOWMX_DSN": dsn}  # not in argv, where ps shows a password
+    children = [subprocess.Popen(argv, env=env) for _ in range(args.processes)]
+
+    stops = (signal.SIGTERM, signal.SIGINT)
+    stopping = threading.Event()
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # A process still starting when the stop came dies of it, with nothing in hand.
+    stopped = {-sig for sig in stops} if stopping.is_set() else set()
+    return next((code for code in codes if code != 0 and code not in stopped), 0)
 
 
 def _horizon(args: argparse.Namespace) -> int:

@@ -358,7 +358,8 @@ def run(
         console.say(
             "\nThe throwaway server is gone. Keep the data: meowmx demo --dsn postgresql://..."
             "\nthen look around: meowmx subscriptions, meowmx read --category order --limit 5,"
-            "\nSELECT * FROM demo_orders."
+            "\nSELECT * FROM demo_orders. (From a checkout, meowmx is .venv/bin/meowmx:"
+            "\nrun . .venv/bin/activate first.)"
         )
     return 0 if passed else 1
 
