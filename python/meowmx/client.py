@@ -18,7 +18,7 @@ import psycopg
 from psycopg.rows import RowMaker, class_row
 from psycopg.types.json import Jsonb, set_json_loads
 
-from meowmx.connection import Connector, Target
+from meowmx.connection import CallerConnection, Connector, Target
 from meowmx.errors import Conflict, UndecodableEvent, translated
 
 Conn = psycopg.Connection[Any]
@@ -309,14 +309,24 @@ class Client:
         self.close()
 
     def _call(
-        self, conn: Conn | None, sql: str, params: Mapping[str, Any], *, read: bool = False
+        self,
+        conn: CallerConnection | None,
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        read: bool = False,
     ) -> list[Any]:
         connector = self._read if read else self._connect
         with connector(conn) as c, translated():
             return c.execute(sql, params, prepare=connector.prepare(c)).fetchall()
 
     def _events(
-        self, conn: Conn | None, sql: str, params: Mapping[str, Any], *, read: bool = False
+        self,
+        conn: CallerConnection | None,
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        read: bool = False,
     ) -> list[RecordedEvent]:
         connector = self._read if read else self._connect
         with connector(conn) as c, translated(), c.cursor(row_factory=event_rows) as cur:
@@ -325,7 +335,7 @@ class Client:
 
     def _objects(
         self,
-        conn: Conn | None,
+        conn: CallerConnection | None,
         cls: type[T],
         sql: str,
         params: Mapping[str, Any],
@@ -349,7 +359,7 @@ class Client:
         expected_version: int | None = None,
         metadata: JsonObject | None = None,
         event_id: uuid.UUID | None = None,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> Appended:
         """Append one event. Raises WrongExpectedVersion if the stream moved on."""
         row = self._call(
@@ -378,7 +388,7 @@ class Client:
         events: Sequence[NewEvent],
         *,
         expected_version: int | None = None,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> list[Appended]:
         """Append several events atomically, with consecutive versions."""
         rows = self._call(
@@ -397,7 +407,9 @@ class Client:
 
     # Reads --------------------------------------------------------------------
 
-    def stream_version(self, category: str, stream_id: str, *, conn: Conn | None = None) -> int:
+    def stream_version(
+        self, category: str, stream_id: str, *, conn: CallerConnection | None = None
+    ) -> int:
         """The stream's current version; 0 if it does not exist."""
         sql = "SELECT meowmx.stream_version(category => %(category)s, stream_id => %(stream_id)s)"
         params = {"category": category, "stream_id": stream_id}
@@ -412,7 +424,7 @@ class Client:
         from_version: int | None = None,
         max_count: int = 1000,
         backwards: bool = False,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> list[RecordedEvent]:
         """One page of a stream's events in version order."""
         return self._events(
@@ -439,7 +451,7 @@ class Client:
         from_version: int | None = None,
         backwards: bool = False,
         page_size: int = 1000,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> Iterator[RecordedEvent]:
         """A stream's events, fetched lazily page by page."""
         while True:
@@ -465,7 +477,7 @@ class Client:
         max_count: int = 1000,
         categories: Sequence[str] | None = None,
         event_types: Sequence[str] | None = None,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> list[RecordedEvent]:
         """One page of events in commit order; pass the last row's `cursor` as `after`."""
         return self._events(
@@ -489,7 +501,7 @@ class Client:
         categories: Sequence[str] | None = None,
         event_types: Sequence[str] | None = None,
         page_size: int = 1000,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> Iterator[RecordedEvent]:
         """All events (or some categories or types) in commit order, fetched lazily.
 
@@ -509,7 +521,7 @@ class Client:
                 return
             after = page[-1].cursor
 
-    def end_cursor(self, *, conn: Conn | None = None) -> str:
+    def end_cursor(self, *, conn: CallerConnection | None = None) -> str:
         """A cursor after every event readable now: reading after it returns only
         events that commit later (including those of transactions open now)."""
         cursor: str = self._call(conn, "SELECT meowmx.end_cursor()", {}, read=True)[0][0]
@@ -521,7 +533,7 @@ class Client:
         *,
         after: str | None = None,
         max_count: int = 1000,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> list[StreamSummary]:
         """One page of a category's streams in stream id order, after `after`."""
         sql = (
@@ -537,7 +549,7 @@ class Client:
         stream_id: str,
         *,
         before_version: int | None = None,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> int:
         """Delete a stream's events (all, or those before `before_version`); admin only."""
         sql = (
@@ -555,7 +567,7 @@ class Client:
         version: int,
         state: JsonObject,
         *,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> None:
         """Store the stream's state as of `version`."""
         self._call(
@@ -576,7 +588,7 @@ class Client:
         stream_id: str,
         *,
         max_version: int | None = None,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> Snapshot | None:
         """The newest snapshot at or below `max_version` (default: the newest), or None."""
         sql = (
@@ -587,7 +599,7 @@ class Client:
         found = self._objects(conn, Snapshot, sql, params, read=True)
         return found[0] if found else None
 
-    def schema_version(self, *, conn: Conn | None = None) -> int:
+    def schema_version(self, *, conn: CallerConnection | None = None) -> int:
         """The installed schema version (the newest migration applied)."""
         version: int = self._call(conn, "SELECT meowmx.version()", {})[0][0]
         return version
@@ -603,7 +615,7 @@ class Client:
         partitions: int = 1,
         start_at: str = "beginning",
         max_attempts: int = 10,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> bool:
         """Create a subscription; True if created, False if it exists identically."""
         created: bool = self._call(
@@ -622,14 +634,14 @@ class Client:
         )[0][0]
         return created
 
-    def drop_subscription(self, name: str, *, conn: Conn | None = None) -> bool:
+    def drop_subscription(self, name: str, *, conn: CallerConnection | None = None) -> bool:
         """Drop a subscription with its checkpoints and parked events; False if absent."""
         sql = "SELECT meowmx.drop_subscription(name => %(name)s)"
         dropped: bool = self._call(conn, sql, {"name": name})[0][0]
         return dropped
 
     def reset_subscription(
-        self, name: str, start_at: str = "beginning", *, conn: Conn | None = None
+        self, name: str, start_at: str = "beginning", *, conn: CallerConnection | None = None
     ) -> None:
         """Move every partition to 'beginning', 'end' or a cursor."""
         sql = "SELECT meowmx.reset_subscription(name => %(name)s, start_at => %(start_at)s)"
@@ -642,7 +654,7 @@ class Client:
         *,
         max_count: int = 100,
         lease: timedelta = timedelta(seconds=30),
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> list[ClaimedEvent]:
         """Claim a partition with work waiting and return its next events, in order."""
         events = self._events(
@@ -664,7 +676,7 @@ class Client:
         worker: str,
         *,
         lease: timedelta = timedelta(seconds=30),
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> PartitionClaim | None:
         """Lease a partition with work waiting, for a batch read with read_partition."""
         rows = self._call(
@@ -683,7 +695,7 @@ class Client:
         after: str,
         until: str,
         max_count: int = 100,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> list[ClaimedEvent]:
         """The batch of a claimed partition, read on the read target (a standby). The
         last row may be another partition's event, where the scan ended."""
@@ -710,7 +722,7 @@ class Client:
         partition: int,
         cursor: str,
         *,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> None:
         """Mark the partition handled up to `cursor` (from read_partition); ends the batch."""
         self._call(
@@ -732,7 +744,7 @@ class Client:
         partition: int,
         event_position: int,
         *,
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> None:
         """Mark the event, and those before it in the batch, as handled."""
         self._call(
@@ -756,7 +768,7 @@ class Client:
         error: str,
         *,
         retry_after: timedelta = timedelta(0),
-        conn: Conn | None = None,
+        conn: CallerConnection | None = None,
     ) -> bool:
         """Record a failure of the event; True if it was parked (a dead letter)."""
         parked: bool = self._call(
@@ -775,14 +787,18 @@ class Client:
         )[0][0]
         return parked
 
-    def renew_lease(self, subscription: str, worker: str, *, conn: Conn | None = None) -> int:
+    def renew_lease(
+        self, subscription: str, worker: str, *, conn: CallerConnection | None = None
+    ) -> int:
         """Extend the worker's leases without acking; returns how many it still holds."""
         sql = "SELECT meowmx.renew_lease(subscription => %(subscription)s, worker => %(worker)s)"
         params = {"subscription": subscription, "worker": worker}
         renewed: int = self._call(conn, sql, params)[0][0]
         return renewed
 
-    def release(self, subscription: str, worker: str, *, conn: Conn | None = None) -> int:
+    def release(
+        self, subscription: str, worker: str, *, conn: CallerConnection | None = None
+    ) -> int:
         """Give up the worker's leases; returns how many partitions it held."""
         sql = "SELECT meowmx.release(subscription => %(subscription)s, worker => %(worker)s)"
         params = {"subscription": subscription, "worker": worker}
@@ -790,14 +806,14 @@ class Client:
         return released
 
     def subscription_status(
-        self, name: str | None = None, *, conn: Conn | None = None
+        self, name: str | None = None, *, conn: CallerConnection | None = None
     ) -> list[PartitionStatus]:
         """One row per partition: checkpoint, lag, lease, failures, parked count."""
         sql = "SELECT * FROM meowmx.subscription_status(name => %(name)s)"
         return self._objects(conn, PartitionStatus, sql, {"name": name})
 
     def list_parked(
-        self, subscription: str, *, max_count: int = 100, conn: Conn | None = None
+        self, subscription: str, *, max_count: int = 100, conn: CallerConnection | None = None
     ) -> list[ParkedEvent]:
         sql = (
             "SELECT * FROM meowmx.list_parked(subscription => %(subscription)s,"
@@ -807,7 +823,7 @@ class Client:
         return self._objects(conn, ParkedEvent, sql, params)
 
     def requeue_parked(
-        self, subscription: str, event_position: int, *, conn: Conn | None = None
+        self, subscription: str, event_position: int, *, conn: CallerConnection | None = None
     ) -> int:
         """Deliver a parked event again (its partition rewinds to just before it)."""
         sql = (
@@ -818,7 +834,7 @@ class Client:
         removed: int = self._call(conn, sql, params)[0][0]
         return removed
 
-    def horizon_blockers(self, *, conn: Conn | None = None) -> list[HorizonBlocker]:
+    def horizon_blockers(self, *, conn: CallerConnection | None = None) -> list[HorizonBlocker]:
         """Transactions holding the read horizon back, oldest first."""
         rows = self._call(
             conn,

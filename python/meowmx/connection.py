@@ -21,8 +21,30 @@ import psycopg
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
+    from sqlalchemy.engine import Connection as SAConnection
+    from sqlalchemy.orm import Session as SASession
 
 Target = Union[str, psycopg.Connection[Any], "ConnectionPool[Any]"]
+# What a call's conn= takes: the connection of the caller's transaction.
+CallerConnection = Union[psycopg.Connection[Any], "SAConnection", "SASession"]
+
+
+def driver_connection(conn: CallerConnection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a caller's `conn=`: a psycopg connection itself, or
+    a SQLAlchemy 2 Connection or Session on the psycopg dialect (the connection of its
+    transaction: a Session begins one if it has none)."""
+    if isinstance(conn, psycopg.Connection):
+        return conn
+    found: Any = conn  # duck-typed: SQLAlchemy need not be installed
+    if callable(getattr(found, "connection", None)):  # a Session: its Connection
+        found = found.connection()
+    driver = getattr(getattr(found, "connection", None), "driver_connection", None)
+    if isinstance(driver, psycopg.Connection):
+        return driver
+    raise TypeError(
+        "conn= takes a psycopg Connection, or a SQLAlchemy Connection or Session on the"
+        f" psycopg dialect (postgresql+psycopg://), not {type(conn).__name__}"
+    )
 
 
 def connect(dsn: str, *, prepared_statements: bool | None = None) -> psycopg.Connection[Any]:
@@ -79,11 +101,9 @@ class Connector:
         self._lock = threading.RLock()
 
     @contextmanager
-    def __call__(
-        self, conn: psycopg.Connection[Any] | None = None
-    ) -> Iterator[psycopg.Connection[Any]]:
+    def __call__(self, conn: CallerConnection | None = None) -> Iterator[psycopg.Connection[Any]]:
         if conn is not None:
-            yield conn
+            yield driver_connection(conn)
         elif isinstance(self.target, str):
             with self._lock:
                 if self._own is None or self._own.closed or self._own.broken:
