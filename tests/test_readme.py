@@ -85,3 +85,24 @@ def test_readme_sql_uses_named_arguments(lang: str, code: str, expected: str | N
     # The contract: callers name their arguments, so the README shows them named.
     for call in re.findall(r"meowmx\.\w+\(([^()]*)\)", code):
         assert call == "" or "=>" in call, call
+
+
+def test_the_python_reference_names_every_public_name() -> None:
+    """Each name of meowmx.__all__ (the errors have their own table) and each public
+    method of Client and Worker is in the README's Python reference."""
+    import meowmx
+    from meowmx import errors
+
+    text = README.read_text()
+    reference = text[text.index("### Python reference") : text.index("## Command line")]
+    errors_table = text[text.index("## Errors") : text.index("## Python API")]
+    names = {n for n in meowmx.__all__ if n not in errors.__all__}
+    methods = {
+        name
+        for cls in (meowmx.Client, meowmx.Worker)
+        for name, member in vars(cls).items()
+        if callable(member) and not name.startswith("_")
+    }
+    missing = sorted(n for n in names | methods if not re.search(rf"\b{n}\b", reference))
+    assert missing == []
+    assert all(f"`{cls.__name__}`" in errors_table for cls in errors.ERRORS.values())
