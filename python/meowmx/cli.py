@@ -38,6 +38,7 @@ from meowmx.connection import connect
 from meowmx.errors import MeowmxError
 from meowmx.follower import CHANNEL, Follower, stop_on_signals
 from meowmx.install import applied_versions, install, latest_version, migrations, script
+from meowmx.legacy import import_legacy
 from meowmx.output import event_json, is_tty, json_lines, table
 from meowmx.worker import Worker
 
@@ -421,6 +422,18 @@ def _parser() -> _Parser:
     p.add_argument(
         "--lease", type=_seconds, default=30.0, metavar="S", help="lease of a batch, seconds (30)"
     )
+
+    p = command(
+        "import-legacy",
+        _import_legacy,
+        "copy a meowmx 0.4 database's events and subscriptions into this store",
+        description="Copy the events of a meowmx 0.4 database (the SQLAlchemy package's "
+        "tables es_aggregates, es_events, es_event_subscriptions) into this one: each "
+        "aggregate a stream (category = aggregate type), in the old commit order, version "
+        "v as v + 1; each subscription continues after the last event it handled. Run it "
+        "again to copy what is new. Stop the old store's writers first.",
+    )
+    p.add_argument("--from-dsn", required=True, metavar="DSN", help="the meowmx 0.4 database")
 
     p = command(
         "dead-letters",
@@ -894,6 +907,23 @@ def _subscription(args: argparse.Namespace) -> int:
             print(f"dropped subscription {args.name}")
         else:
             raise CliError(f"no subscription is named {args.name!r}: nothing dropped")
+    return 0
+
+
+def _import_legacy(args: argparse.Namespace) -> int:
+    target = resolve(args)
+    assert target is not None
+    source = Target(args.from_dsn, redact(args.from_dsn))
+    source.connect().close()  # a clear error now if it cannot be reached
+    try:
+        done = import_legacy(args.from_dsn, target.dsn)
+    except psycopg.errors.UndefinedTable as error:
+        raise CliError(
+            f"{source.shown} has no meowmx 0.4 tables: {error.diag.message_primary}"
+        ) from None
+    print(done.summary())
+    for name, start in done.subscriptions.items():
+        print(f"subscription {name} starts at {start}")
     return 0
 
 
