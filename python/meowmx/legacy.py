@@ -40,7 +40,7 @@ class Imported:
     appended: int = 0  # events written now
     already: int = 0  # events a previous import wrote
     streams: int = 0
-    renumbered: list[str] = field(default_factory=list)  # streams whose versions moved
+    renumbered: set[str] = field(default_factory=set)  # streams whose versions moved
     subscriptions: dict[str, str] = field(default_factory=dict)  # name: where it starts
 
     def summary(self) -> str:
@@ -65,7 +65,7 @@ ORDER BY e.transaction_id, e.id
 def import_legacy(source_dsn: str, target: Target) -> Imported:
     """Copy a meowmx 0.4 database's events and subscriptions into `target`."""
     done = Imported()
-    streams: set[tuple[str, str]] = set()
+    versions: dict[tuple[str, str], int] = {}  # each stream's version here, once looked up
     last_of: dict[str, tuple[str, str, int]] = {}  # subscription: its last event, here
     with Client(target) as client, psycopg.connect(source_dsn) as source:
         source.read_only = True  # one snapshot of the old store
@@ -81,13 +81,13 @@ def import_legacy(source_dsn: str, target: Target) -> Imported:
                 for row in rows:
                     chunk.append(row)
                     if len(chunk) >= CHUNK:
-                        _append_chunk(client, chunk, done, streams)
+                        _append_chunk(client, chunk, done, versions)
                         chunk = []
                     for name, tx, event_id in checkpoints:
                         if (int(row[5]), row[6]) <= (tx, event_id):
                             last_of[name] = (row[0], row[1], row[2] - row[7] + 1)
-                _append_chunk(client, chunk, done, streams)
-        done.streams = len(streams)
+                _append_chunk(client, chunk, done, versions)
+        done.streams = len(versions)
         for name, _, _ in checkpoints:
             start = "beginning"
             if name in last_of:
@@ -102,7 +102,7 @@ def import_legacy(source_dsn: str, target: Target) -> Imported:
 
 
 def _append_chunk(
-    client: Client, chunk: list[Any], done: Imported, streams: set[tuple[str, str]]
+    client: Client, chunk: list[Any], done: Imported, versions: dict[tuple[str, str], int]
 ) -> None:
     """One transaction: the chunk's events, a batch per run of one stream's events."""
     if not chunk:
@@ -113,19 +113,27 @@ def _append_chunk(
             end = start
             while end < len(chunk) and chunk[end][:2] == chunk[start][:2]:
                 end += 1
-            _append_run(client, conn, chunk[start:end], done, streams)
+            _append_run(client, conn, chunk[start:end], done, versions)
             start = end
 
 
 def _append_run(
-    client: Client, conn: Any, run: list[Any], done: Imported, streams: set[tuple[str, str]]
+    client: Client,
+    conn: Any,
+    run: list[Any],
+    done: Imported,
+    versions: dict[tuple[str, str], int],
 ) -> None:
     category, stream_id, _, _, _, _, _, oldest = run[0]
-    streams.add((category, stream_id))
-    if oldest != 0 and f"{category}/{stream_id}" not in done.renumbered:
-        done.renumbered.append(f"{category}/{stream_id}")
+    if oldest != 0:
+        done.renumbered.add(f"{category}/{stream_id}")
     first = run[0][2] - oldest  # the version before the run's first event, here
-    current = client.stream_version(category, stream_id, conn=conn)
+    # Looked up once per stream (a round trip per run doubled an interleaved import's);
+    # after that only this import writes it.
+    stream = (category, stream_id)
+    if stream not in versions:
+        versions[stream] = client.stream_version(category, stream_id, conn=conn)
+    current = versions[stream]
     skip = min(max(current - first, 0), len(run))  # imported before
     done.already += skip
     events = [
@@ -135,6 +143,7 @@ def _append_run(
     if events:
         client.append_many(category, stream_id, events, expected_version=first + skip, conn=conn)
         done.appended += len(events)
+    versions[stream] = max(current, first + len(run))
 
 
 def _object(json_text: str) -> dict[str, Any]:
