@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import meowmx
+from support import Blocking, LoopThread
 
 # Database calls have variable latency; hypothesis' per-example deadline only makes flakes.
 settings.register_profile("meowmx", deadline=None)
@@ -136,6 +137,36 @@ def dsn(empty_dsn: str) -> str:
     """The test database with the current meowmx installed."""
     meowmx.install(empty_dsn)
     return empty_dsn
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    """An event loop on a thread, for the async side of tests run against both."""
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def clients(
+    request: pytest.FixtureRequest, dsn: str, loop: LoopThread
+) -> Iterator[Callable[[], meowmx.Client]]:
+    """Factory of Clients on ``dsn``, each with a connection of its own, closed at
+    teardown; a scenario that uses it runs twice, the second time against AsyncClients
+    (seen through Blocking)."""
+    made: list[Any] = []
+
+    def make() -> meowmx.Client:
+        client = meowmx.Client(dsn) if request.param == "sync" else meowmx.AsyncClient(dsn)
+        made.append(client)
+        return client if request.param == "sync" else Blocking(client, loop)  # type: ignore[return-value]
+
+    yield make
+    for client in made:
+        if request.param == "sync":
+            client.close()
+        else:
+            loop.run(client.close())
 
 
 @pytest.fixture

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -147,3 +150,85 @@ def wait_until_blocked(conn: Connection, pid: int) -> None:
 # meowmx._horizon()'s probe for order ids this cluster has not handed out: one descent
 # of the commit order index, past its end. Plan checks leave it out.
 HORIZON_PROBE = "WHERE e.transaction_id >= meowmx._next_xid()"
+
+
+# Async meowmx, driven from sync tests ---------------------------------------------------
+
+
+class LoopThread:
+    """An asyncio event loop on a thread of its own, on which sync test code awaits
+    (see Blocking). Several AsyncWorkers share it, as tasks of one service would."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        async def wait() -> T:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class Blocking:
+    """An AsyncClient, AsyncWorker or AsyncConnection seen from sync code, so that the
+    sync tests' scenarios run against it unchanged: what a method returns is awaited on
+    the loop, an async iterator becomes a lazy iterator, and the async objects it hands
+    out (a worker's client, a cursor) are wrapped in turn."""
+
+    def __init__(self, target: Any, loop: LoopThread) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_loop", loop)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value) or isinstance(value, meowmx.AsyncClient):
+            return self._wrapped(value)
+        return lambda *args, **kwargs: self._resolved(value(*args, **kwargs))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._target, name, value)
+
+    def _resolved(self, result: Any) -> Any:
+        if inspect.isawaitable(result):
+            return self._wrapped(self._loop.run(result))
+        if isinstance(result, AsyncIterator):
+            return self._iterate(result)
+        return result
+
+    def _wrapped(self, value: Any) -> Any:
+        if isinstance(value, meowmx.AsyncClient | psycopg.AsyncCursor):
+            return Blocking(value, self._loop)
+        return value
+
+    def _iterate(self, iterator: AsyncIterator[Any]) -> Iterator[Any]:
+        while True:
+            try:
+                yield self._loop.run(anext(iterator))
+            except StopAsyncIteration:
+                return
+
+
+def in_a_thread(
+    handler: Callable[..., None], loop: LoopThread, *, transactional: bool
+) -> Callable[..., Awaitable[None]]:
+    """A sync test handler as an AsyncWorker's coroutine handler: it runs in a thread
+    (so that it may sleep without stalling the loop), and a transactional one gets the
+    batch's AsyncConnection as a Blocking one."""
+    if transactional:
+
+        async def handle_in_transaction(event: meowmx.ClaimedEvent, conn: Any) -> None:
+            await asyncio.to_thread(handler, event, Blocking(conn, loop))
+
+        return handle_in_transaction
+
+    async def handle(event: meowmx.ClaimedEvent) -> None:
+        await asyncio.to_thread(handler, event)
+
+    return handle

@@ -38,9 +38,9 @@ def db(connect: Callable[..., psycopg.Connection[Any]]) -> psycopg.Connection[An
 
 
 @pytest.fixture
-def client(dsn: str) -> Any:
-    with Client(dsn) as client:
-        yield client
+def client(clients: Callable[[], Client]) -> Client:
+    """A Client, or an AsyncClient (the scenario runs against both)."""
+    return clients()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -48,21 +48,6 @@ def named(c: Connection) -> Connection:
 def conn(connect: Callable[..., Connection]) -> Connection:
     """An autocommit connection whose rows have attribute access."""
     return named(connect())
-
-
-@pytest.fixture
-def clients(dsn: str) -> Iterator[Callable[[], Client]]:
-    """Factory of Clients, each with a connection of its own; closed at teardown."""
-    made: list[Client] = []
-
-    def make() -> Client:
-        client = Client(dsn)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
 
 
 def partition_of(category: str, stream_id: str, partitions: int) -> int:

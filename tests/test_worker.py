@@ -26,9 +26,17 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 import meowmx
-from meowmx import ClaimedEvent, Client, Worker
+from meowmx import AsyncClient, AsyncWorker, ClaimedEvent, Client, Worker
 from meowmx.errors import LeaseLost
-from support import raises_meowmx, scalar, wait_for_horizon, wait_until
+from support import (
+    Blocking,
+    LoopThread,
+    in_a_thread,
+    raises_meowmx,
+    scalar,
+    wait_for_horizon,
+    wait_until,
+)
 
 Connection = psycopg.Connection[Any]
 
@@ -51,14 +59,27 @@ def client(dsn: str) -> Iterator[Client]:
         yield c
 
 
+@pytest.fixture(params=["sync", "async"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Which worker a scenario runs against: Worker, or AsyncWorker (with handlers that
+    are coroutine functions)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def workers(dsn: str) -> Iterator[Callable[..., Worker]]:
-    """Factory of Workers on `dsn`; their clients are closed at teardown."""
+def workers(dsn: str, kind: str, loop: LoopThread) -> Iterator[Callable[..., Worker]]:
+    """Factory of Workers (or AsyncWorkers, seen through Blocking) on `dsn`; their
+    clients are closed at teardown."""
     made: list[Worker] = []
 
     def make(handler: Callable[..., None], **options: Any) -> Worker:
         options.setdefault("poll_interval", 0.1)
-        worker = Worker(Client(dsn), SUB, handler, **options)
+        if kind == "sync":
+            worker = Worker(Client(dsn), SUB, handler, **options)
+        else:
+            transactional = options.get("transactional", False)
+            handle = in_a_thread(handler, loop, transactional=transactional)
+            worker = Blocking(AsyncWorker(AsyncClient(dsn), SUB, handle, **options), loop)  # type: ignore[assignment]
         made.append(worker)
         return worker
 
@@ -137,26 +158,27 @@ def run_once_bounded(worker: Worker, timeout: float = 10.0) -> int:
 def count_run_once(worker: Worker) -> list[int]:
     """Record what each run_once of `worker` returns (0: it found nothing and waits)."""
     results: list[int] = []
-    original = worker.run_once
+    original = worker._run_once  # the batch's steps, which run() and run_once() drive
 
-    def counted() -> int:
-        handled = original()
+    def counted() -> Any:
+        handled = yield from original()
         results.append(handled)
         return handled
 
-    worker.run_once = counted  # type: ignore[method-assign]
+    worker._run_once = counted  # type: ignore[method-assign]
     return results
 
 
 CHILD = """
-import sys, time
+import asyncio, sys, time
 from datetime import timedelta
 import psycopg, meowmx
 
-dsn, name, mode, lease = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+dsn, name, mode, lease, kind = sys.argv[1:6]
 record = psycopg.connect(dsn, autocommit=True)
-
 transactional = mode.startswith("tx")
+options = dict(name=name, batch_size=100, lease=timedelta(seconds=float(lease)),
+               poll_interval=0.2, transactional=transactional)
 
 def handler(event, tx=None):
     record.execute("INSERT INTO handled (worker, position) VALUES (%s, %s)",
@@ -168,20 +190,31 @@ def handler(event, tx=None):
     if mode == "slow":
         time.sleep(0.2)
 
-worker = meowmx.Worker(dsn, "projector", handler, name=name, batch_size=100,
-                       lease=timedelta(seconds=lease), poll_interval=0.2,
-                       transactional=transactional)
+async def async_handler(event, tx=None):
+    record.execute("INSERT INTO handled (worker, position) VALUES (%s, %s)",
+                   [name, event.position])
+    if tx is not None:
+        await tx.execute("INSERT INTO read_model (position) VALUES (%s)", [event.position])
+    if mode in ("hang", "txhang") and event.version == 3:
+        await asyncio.sleep(3600)
+    if mode == "slow":
+        await asyncio.sleep(0.2)
+
 print("ready", flush=True)
-worker.run()
+if kind == "sync":
+    meowmx.Worker(dsn, "projector", handler, **options).run()
+else:
+    asyncio.run(meowmx.AsyncWorker(dsn, "projector", async_handler, **options).run())
 print("stopped", flush=True)
 """
 
 
 @pytest.fixture
 def child(
-    tmp_path: Path, dsn: str, conn: Connection
+    tmp_path: Path, dsn: str, conn: Connection, kind: str
 ) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Starts worker processes (see CHILD) that record handled positions in table `handled`."""
+    """Starts worker processes (see CHILD: Workers or AsyncWorkers, as `kind` says) that
+    record handled positions in table `handled`."""
     # The test database outlives the test (only its meowmx schema is renewed).
     conn.execute("DROP TABLE IF EXISTS handled")
     conn.execute(
@@ -197,7 +230,7 @@ def child(
 
     def start(name: str, mode: str, lease: float) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [sys.executable, str(script), dsn, name, mode, str(lease)],
+            [sys.executable, str(script), dsn, name, mode, str(lease), kind],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -691,11 +724,11 @@ def test_transactional_batches_longer_than_the_lease_all_commit(
 
         def counted(
             batch: list[ClaimedEvent], through: str | None, original: Any = original
-        ) -> int:
-            done = original(batch, through)
+        ) -> Any:
+            done = yield from original(batch, through)
             if done == 0:
                 dropped.append(batch[0].cursor)
-            return int(done)
+            return done
 
         w._handle_in_transaction = counted  # type: ignore[method-assign]
     threads = [run_thread(w) for w in team]

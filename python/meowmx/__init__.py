@@ -9,6 +9,7 @@ from meowmx.client import (
     NO_STREAM,
     STREAM_EXISTS,
     Appended,
+    AsyncClient,
     ClaimedEvent,
     Client,
     HorizonBlocker,
@@ -21,16 +22,19 @@ from meowmx.client import (
     StreamSummary,
     default_json_dumps,
     retry_on_conflict,
+    retry_on_conflict_async,
 )
 from meowmx.errors import *  # noqa: F403  (the typed exceptions are part of the API)
 from meowmx.install import install, latest_version, script
-from meowmx.worker import Drained, Worker
+from meowmx.worker import AsyncWorker, Drained, Worker
 
 __all__ = [
     "ANY",
     "NO_STREAM",
     "STREAM_EXISTS",
     "Appended",
+    "AsyncClient",
+    "AsyncWorker",
     "ClaimedEvent",
     "Client",
     "Drained",
@@ -47,6 +51,7 @@ __all__ = [
     "install",
     "latest_version",
     "retry_on_conflict",
+    "retry_on_conflict_async",
     "script",
     *errors.__all__,
 ]

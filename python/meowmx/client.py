@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import functools
+import inspect
 import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 import psycopg
 from psycopg.rows import RowMaker, class_row
 from psycopg.types.json import Jsonb, set_json_loads
 
-from meowmx.connection import CallerConnection, Connector, Target
+from meowmx.connection import AsyncConnector, AsyncTarget, CallerConnection, Connector, Target
 from meowmx.errors import Conflict, UndecodableEvent, translated
 
 Conn = psycopg.Connection[Any]
@@ -43,6 +45,16 @@ def retry_on_conflict(attempt: Callable[[], T], *, attempts: int = 5) -> T:
         except Conflict:
             time.sleep(0.005 * tries * random.random())
     return attempt()
+
+
+async def retry_on_conflict_async(attempt: Callable[[], Awaitable[T]], *, attempts: int = 5) -> T:
+    """retry_on_conflict, for asyncio: `attempt` is a coroutine function."""
+    for tries in range(1, attempts):
+        try:
+            return await attempt()
+        except Conflict:
+            await asyncio.sleep(0.005 * tries * random.random())
+    return await attempt()
 
 
 def _json_default(value: Any) -> Any:
@@ -219,7 +231,9 @@ def _safe(loads: Callable[[bytes | str], Any]) -> _Safe:
     return _Safe(loads)
 
 
-def event_rows(cursor: psycopg.Cursor[Any]) -> RowMaker[RecordedEvent]:
+def event_rows(
+    cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any],
+) -> RowMaker[RecordedEvent]:
     """Row factory for meowmx.recorded_event and claimed_event rows.
 
     Picks columns by name, so columns a later schema adds are ignored. An event
@@ -257,7 +271,712 @@ _EVENT_COLUMNS = (
 _CLAIMED_COLUMNS = "partition, " + _EVENT_COLUMNS + ", attempts"
 
 
-class Client:
+# One description of each call ------------------------------------------------------
+#
+# A Call says what one method sends and how its rows become the result; Client runs
+# it on a psycopg Connection and AsyncClient on an AsyncConnection, so the 27 methods
+# exist once. Call.of writes the SQL from the parameters' names, each passed by name
+# (so a parameter the function gains later never shifts the others). The descriptors
+# below turn each description into a method of both.
+
+P = ParamSpec("P")
+R = TypeVar("R")
+E = TypeVar("E", bound=RecordedEvent)
+Rows = Literal["tuples", "events"] | type  # a dataclass: one per row, by column name
+AnyCallerConnection = CallerConnection | psycopg.AsyncConnection[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """One call of a meowmx SQL function: the statement, its parameters, how its rows
+    are built, and what the method returns from them."""
+
+    sql: str
+    params: Mapping[str, Any]
+    result: Callable[[list[Any]], R]
+    rows: Rows = "tuples"
+    read: bool = False  # served by the read target (a standby), if there is one
+    conn: AnyCallerConnection | None = None  # the caller's transaction, if given
+
+    @staticmethod
+    def of(
+        function: str,
+        params: Mapping[str, Any],
+        result: Callable[[list[Any]], T],
+        *,
+        columns: str = "*",
+        rows: Rows = "tuples",
+        read: bool = False,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[T]:
+        """The call of meowmx.<function>, with each parameter passed by its name."""
+        return Call(_select(function, tuple(params), columns), params, result, rows, read, conn)
+
+
+@functools.cache
+def _select(function: str, names: tuple[str, ...], columns: str) -> str:
+    arguments = ", ".join(f"{name} => %({name})s" for name in names)
+    return f"SELECT {columns} FROM meowmx.{function}({arguments})"
+
+
+@dataclass(frozen=True, slots=True)
+class Pages(Generic[E]):
+    """A paged read: its first page, and the call for the page after a full one."""
+
+    first: Call[list[E]]
+    after: Callable[[list[E]], Call[list[E]] | None]
+
+
+def _all(rows: list[Any]) -> list[Any]:
+    return rows
+
+
+def _value(rows: list[Any]) -> Any:
+    return rows[0][0]
+
+
+def _none(rows: list[Any]) -> None:
+    return None
+
+
+def _signatures(describe: Callable[..., Any]) -> tuple[inspect.Signature, inspect.Signature]:
+    """The signatures `describe` gives its method, unbound and bound (for help())."""
+    signature = inspect.signature(describe).replace(return_annotation=inspect.Signature.empty)
+    return signature, signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+class _Method(Generic[P, R]):
+    """A method of Client and AsyncClient made from one description: it returns R on
+    a Client, an awaitable of R on an AsyncClient."""
+
+    def __init__(self, describe: Callable[Concatenate[Any, P], Call[R]]):
+        self.describe = describe
+        self.__doc__, self.__name__ = describe.__doc__, describe.__name__
+        self.__signature__, self._bound = _signatures(describe)
+
+    def __call__(self, client: _Calls, *args: Any, **kwargs: Any) -> Any:
+        return client._run(self.describe(client, *args, **kwargs))
+
+    @overload
+    def __get__(self, client: None, owner: type) -> _Method[P, R]: ...
+    @overload
+    def __get__(self, client: Client, owner: type) -> Callable[P, R]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: type) -> Callable[P, Awaitable[R]]: ...
+    def __get__(self, client: _Calls | None, owner: type) -> Any:
+        if client is None:
+            return self
+        describe, run = self.describe, client._run
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return run(describe(client, *args, **kwargs))
+
+        method.__doc__, method.__name__ = self.__doc__, self.__name__
+        method.__signature__ = self._bound  # type: ignore[attr-defined]
+        return method
+
+
+class _Paged(Generic[P, E]):
+    """An iterating method made from one description: an Iterator of E on a Client,
+    an AsyncIterator on an AsyncClient. Pages are fetched as the caller gets to them."""
+
+    def __init__(self, describe: Callable[Concatenate[Any, P], Pages[E]]):
+        self.describe = describe
+        self.__doc__, self.__name__ = describe.__doc__, describe.__name__
+        self.__signature__, self._bound = _signatures(describe)
+
+    def __call__(self, client: _Calls, *args: Any, **kwargs: Any) -> Any:
+        return client._iterate(self.describe(client, *args, **kwargs))
+
+    @overload
+    def __get__(self, client: None, owner: type) -> _Paged[P, E]: ...
+    @overload
+    def __get__(self, client: Client, owner: type) -> Callable[P, Iterator[E]]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: type) -> Callable[P, AsyncIterator[E]]: ...
+    def __get__(self, client: _Calls | None, owner: type) -> Any:
+        if client is None:
+            return self
+        describe, iterate = self.describe, client._iterate
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return iterate(describe(client, *args, **kwargs))
+
+        method.__doc__, method.__name__ = self.__doc__, self.__name__
+        method.__signature__ = self._bound  # type: ignore[attr-defined]
+        return method
+
+
+class _Calls:
+    """Every method of Client and AsyncClient, each described once as a Call."""
+
+    def __init__(
+        self,
+        json_dumps: Callable[[Any], str],
+        json_loads: Callable[[bytes | str], Any],
+    ):
+        self._dumps = json_dumps
+        self._json_loads = json_loads
+        self._loads = _safe(json_loads)  # for events: see event_rows
+
+    def _run(self, call: Call[Any]) -> Any:
+        raise NotImplementedError
+
+    def _iterate(self, pages: Pages[Any]) -> Any:
+        raise NotImplementedError
+
+    def _json(self, value: JsonObject | None) -> Jsonb | None:
+        return None if value is None else Jsonb(value, self._dumps)
+
+    def _row_factory(self, rows: Rows) -> tuple[Any, Callable[[bytes | str], Any]]:
+        """The row factory for `rows`, and the JSON loads that goes with it."""
+        if rows == "events":
+            return event_rows, self._loads
+        assert isinstance(rows, type)
+        return class_row(rows), self._json_loads
+
+    # Appends ------------------------------------------------------------------
+
+    @_Method
+    def append(
+        self,
+        category: str,
+        stream_id: str,
+        event_type: str,
+        data: JsonObject,
+        *,
+        expected_version: int | None = None,
+        metadata: JsonObject | None = None,
+        event_id: uuid.UUID | None = None,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[Appended]:
+        """Append one event. Raises WrongExpectedVersion if the stream moved on."""
+        return Call.of(
+            "append_event",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "event_type": event_type,
+                "data": Jsonb(data, self._dumps),
+                "expected_version": expected_version,
+                "metadata": self._json(metadata),
+                "event_id": event_id,
+            },
+            lambda rows: Appended(*rows[0]),
+            conn=conn,
+            columns="version, position",
+        )
+
+    @_Method
+    def append_many(
+        self,
+        category: str,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = None,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[list[Appended]]:
+        """Append several events atomically, with consecutive versions."""
+        return Call.of(
+            "append_events",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "events": Jsonb([event.as_json() for event in events], self._dumps),
+                "expected_version": expected_version,
+            },
+            lambda rows: [Appended(*row) for row in rows],
+            conn=conn,
+            columns="version, position",
+        )
+
+    # Reads --------------------------------------------------------------------
+
+    @_Method
+    def stream_version(
+        self, category: str, stream_id: str, *, conn: AnyCallerConnection | None = None
+    ) -> Call[int]:
+        """The stream's current version; 0 if it does not exist."""
+        return Call.of(
+            "stream_version",
+            {"category": category, "stream_id": stream_id},
+            _value,
+            read=True,
+            conn=conn,
+        )
+
+    @_Method
+    def read_stream_page(
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        max_count: int = 1000,
+        backwards: bool = False,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[list[RecordedEvent]]:
+        """One page of a stream's events in version order."""
+        return Call.of(
+            "read_stream",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "from_version": from_version,
+                "max_count": max_count,
+                "backwards": backwards,
+            },
+            _all,
+            rows="events",
+            read=True,
+            conn=conn,
+            columns=_EVENT_COLUMNS,
+        )
+
+    @_Paged
+    def read_stream(
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        backwards: bool = False,
+        page_size: int = 1000,
+        conn: AnyCallerConnection | None = None,
+    ) -> Pages[RecordedEvent]:
+        """A stream's events, fetched lazily page by page."""
+
+        def page(from_version: int | None) -> Call[list[RecordedEvent]]:
+            return _Calls.read_stream_page.describe(
+                self,
+                category,
+                stream_id,
+                from_version=from_version,
+                max_count=page_size,
+                backwards=backwards,
+                conn=conn,
+            )
+
+        def after(events: list[RecordedEvent]) -> Call[list[RecordedEvent]] | None:
+            following = events[-1].version + (-1 if backwards else 1)
+            return page(following) if following >= 1 else None
+
+        return Pages(page(from_version), after)
+
+    @_Method
+    def read_events_page(
+        self,
+        *,
+        after: str | None = None,
+        max_count: int = 1000,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[list[RecordedEvent]]:
+        """One page of events in commit order; pass the last row's `cursor` as `after`."""
+        return Call.of(
+            "read_events",
+            {
+                "after": after,
+                "max_count": max_count,
+                "categories": None if categories is None else list(categories),
+                "event_types": None if event_types is None else list(event_types),
+            },
+            _all,
+            rows="events",
+            read=True,
+            conn=conn,
+            columns=_EVENT_COLUMNS,
+        )
+
+    @_Paged
+    def read_events(
+        self,
+        *,
+        after: str | None = None,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+        page_size: int = 1000,
+        conn: AnyCallerConnection | None = None,
+    ) -> Pages[RecordedEvent]:
+        """All events (or some categories or types) in commit order, fetched lazily.
+
+        Ends at the read horizon: events of transactions still running when a page
+        is read come later, to a reader that continues from the last cursor.
+        """
+
+        def page(after: str | None) -> Call[list[RecordedEvent]]:
+            return _Calls.read_events_page.describe(
+                self,
+                after=after,
+                max_count=page_size,
+                categories=categories,
+                event_types=event_types,
+                conn=conn,
+            )
+
+        return Pages(page(after), lambda events: page(events[-1].cursor))
+
+    @_Method
+    def end_cursor(self, *, conn: AnyCallerConnection | None = None) -> Call[str]:
+        """A cursor after every event readable now: reading after it returns only
+        events that commit later (including those of transactions open now)."""
+        return Call.of("end_cursor", {}, _value, read=True, conn=conn)
+
+    @_Method
+    def list_streams(
+        self,
+        category: str,
+        *,
+        after: str | None = None,
+        max_count: int = 1000,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[list[StreamSummary]]:
+        """One page of a category's streams in stream id order, after `after`."""
+        return Call.of(
+            "list_streams",
+            {"category": category, "after": after, "max_count": max_count},
+            _all,
+            rows=StreamSummary,
+            read=True,
+            conn=conn,
+        )
+
+    @_Method
+    def delete_stream(
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        before_version: int | None = None,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[int]:
+        """Delete a stream's events (all, or those before `before_version`); admin only."""
+        return Call.of(
+            "delete_stream",
+            {"category": category, "stream_id": stream_id, "before_version": before_version},
+            _value,
+            conn=conn,
+        )
+
+    @_Method
+    def save_snapshot(
+        self,
+        category: str,
+        stream_id: str,
+        version: int,
+        state: JsonObject,
+        *,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[None]:
+        """Store the stream's state as of `version`."""
+        return Call.of(
+            "save_snapshot",
+            {
+                "category": category,
+                "stream_id": stream_id,
+                "version": version,
+                "state": Jsonb(state, self._dumps),
+            },
+            _none,
+            conn=conn,
+        )
+
+    @_Method
+    def load_snapshot(
+        self,
+        category: str,
+        stream_id: str,
+        *,
+        max_version: int | None = None,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[Snapshot | None]:
+        """The newest snapshot at or below `max_version` (default: the newest), or None."""
+        return Call.of(
+            "load_snapshot",
+            {"category": category, "stream_id": stream_id, "max_version": max_version},
+            lambda found: found[0] if found else None,
+            rows=Snapshot,
+            read=True,
+            conn=conn,
+        )
+
+    @_Method
+    def schema_version(self, *, conn: AnyCallerConnection | None = None) -> Call[int]:
+        """The installed schema version (the newest migration applied)."""
+        return Call.of("version", {}, _value, conn=conn)
+
+    # Subscriptions --------------------------------------------------------------
+
+    @_Method
+    def create_subscription(
+        self,
+        name: str,
+        *,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+        partitions: int = 1,
+        start_at: str = "beginning",
+        max_attempts: int = 10,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[bool]:
+        """Create a subscription; True if created, False if it exists identically."""
+        return Call.of(
+            "create_subscription",
+            {
+                "name": name,
+                "categories": None if categories is None else list(categories),
+                "event_types": None if event_types is None else list(event_types),
+                "partitions": partitions,
+                "start_at": start_at,
+                "max_attempts": max_attempts,
+            },
+            _value,
+            conn=conn,
+        )
+
+    @_Method
+    def drop_subscription(
+        self, name: str, *, conn: AnyCallerConnection | None = None
+    ) -> Call[bool]:
+        """Drop a subscription with its checkpoints and parked events; False if absent."""
+        return Call.of("drop_subscription", {"name": name}, _value, conn=conn)
+
+    @_Method
+    def reset_subscription(
+        self, name: str, start_at: str = "beginning", *, conn: AnyCallerConnection | None = None
+    ) -> Call[None]:
+        """Move every partition to 'beginning', 'end' or a cursor."""
+        return Call.of(
+            "reset_subscription",
+            {"name": name, "start_at": start_at},
+            _none,
+            conn=conn,
+        )
+
+    @_Method
+    def claim_batch(
+        self,
+        subscription: str,
+        worker: str,
+        *,
+        max_count: int = 100,
+        lease: timedelta = timedelta(seconds=30),
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[list[ClaimedEvent]]:
+        """Claim a partition with work waiting and return its next events, in order."""
+        return Call.of(
+            "claim_batch",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "max_count": max_count,
+                "lease": lease,
+            },
+            _all,
+            rows="events",
+            conn=conn,
+            columns=_CLAIMED_COLUMNS,
+        )
+
+    @_Method
+    def claim_partition(
+        self,
+        subscription: str,
+        worker: str,
+        *,
+        lease: timedelta = timedelta(seconds=30),
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[PartitionClaim | None]:
+        """Lease a partition with work waiting, for a batch read with read_partition."""
+        return Call.of(
+            "claim_partition",
+            {"subscription": subscription, "worker": worker, "lease": lease},
+            lambda rows: PartitionClaim(*rows[0]) if rows else None,
+            conn=conn,
+        )
+
+    @_Method
+    def read_partition(
+        self,
+        subscription: str,
+        partition: int,
+        *,
+        after: str,
+        until: str,
+        max_count: int = 100,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[list[ClaimedEvent]]:
+        """The batch of a claimed partition, read on the read target (a standby). The
+        last row may be another partition's event, where the scan ended."""
+        return Call.of(
+            "read_partition",
+            {
+                "subscription": subscription,
+                "partition": partition,
+                "after": after,
+                "until": until,
+                "max_count": max_count,
+            },
+            _all,
+            rows="events",
+            read=True,
+            conn=conn,
+            columns=_CLAIMED_COLUMNS,
+        )
+
+    @_Method
+    def ack_through(
+        self,
+        subscription: str,
+        worker: str,
+        partition: int,
+        cursor: str,
+        *,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[None]:
+        """Mark the partition handled up to `cursor` (from read_partition); ends the batch."""
+        return Call.of(
+            "ack_through",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "partition": partition,
+                "cursor": cursor,
+            },
+            _none,
+            conn=conn,
+        )
+
+    @_Method
+    def ack(
+        self,
+        subscription: str,
+        worker: str,
+        partition: int,
+        event_position: int,
+        *,
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[None]:
+        """Mark the event, and those before it in the batch, as handled."""
+        return Call.of(
+            "ack",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "partition": partition,
+                "event_position": event_position,
+            },
+            _none,
+            conn=conn,
+        )
+
+    @_Method
+    def nack(
+        self,
+        subscription: str,
+        worker: str,
+        partition: int,
+        event_position: int,
+        error: str,
+        *,
+        retry_after: timedelta = timedelta(0),
+        conn: AnyCallerConnection | None = None,
+    ) -> Call[bool]:
+        """Record a failure of the event; True if it was parked (a dead letter)."""
+        return Call.of(
+            "nack",
+            {
+                "subscription": subscription,
+                "worker": worker,
+                "partition": partition,
+                "event_position": event_position,
+                "error": error,
+                "retry_after": retry_after,
+            },
+            _value,
+            conn=conn,
+        )
+
+    @_Method
+    def renew_lease(
+        self, subscription: str, worker: str, *, conn: AnyCallerConnection | None = None
+    ) -> Call[int]:
+        """Extend the worker's leases without acking; returns how many it still holds."""
+        return Call.of(
+            "renew_lease",
+            {"subscription": subscription, "worker": worker},
+            _value,
+            conn=conn,
+        )
+
+    @_Method
+    def release(
+        self, subscription: str, worker: str, *, conn: AnyCallerConnection | None = None
+    ) -> Call[int]:
+        """Give up the worker's leases; returns how many partitions it held."""
+        return Call.of(
+            "release",
+            {"subscription": subscription, "worker": worker},
+            _value,
+            conn=conn,
+        )
+
+    @_Method
+    def subscription_status(
+        self, name: str | None = None, *, conn: AnyCallerConnection | None = None
+    ) -> Call[list[PartitionStatus]]:
+        """One row per partition: checkpoint, lag, lease, failures, parked count."""
+        return Call.of(
+            "subscription_status",
+            {"name": name},
+            _all,
+            rows=PartitionStatus,
+            conn=conn,
+        )
+
+    @_Method
+    def list_parked(
+        self, subscription: str, *, max_count: int = 100, conn: AnyCallerConnection | None = None
+    ) -> Call[list[ParkedEvent]]:
+        """The subscription's parked events (dead letters), oldest first."""
+        return Call.of(
+            "list_parked",
+            {"subscription": subscription, "max_count": max_count},
+            _all,
+            rows=ParkedEvent,
+            conn=conn,
+        )
+
+    @_Method
+    def requeue_parked(
+        self, subscription: str, event_position: int, *, conn: AnyCallerConnection | None = None
+    ) -> Call[int]:
+        """Deliver a parked event again (its partition rewinds to just before it)."""
+        return Call.of(
+            "requeue_parked",
+            {"subscription": subscription, "event_position": event_position},
+            _value,
+            conn=conn,
+        )
+
+    @_Method
+    def horizon_blockers(
+        self, *, conn: AnyCallerConnection | None = None
+    ) -> Call[list[HorizonBlocker]]:
+        """Transactions holding the read horizon back, oldest first."""
+        return Call.of(
+            "horizon_blockers",
+            {},
+            lambda rows: [HorizonBlocker(*row) for row in rows],
+            conn=conn,
+            columns="pid, database, username, application_name, state,"
+            " transaction_id::text::bigint, transaction_age, query",
+        )
+
+
+class Client(_Calls):
     """meowmx for Python. `target` is a DSN, a psycopg connection, or a psycopg_pool pool.
 
     Every method takes `conn=`: pass your own connection to make the call part of
@@ -287,9 +1006,7 @@ class Client:
         json_dumps: Callable[[Any], str] = default_json_dumps,
         json_loads: Callable[[bytes | str], Any] = json.loads,
     ):
-        self._dumps = json_dumps
-        self._json_loads = json_loads
-        self._loads = _safe(json_loads)  # for events: see event_rows
+        super().__init__(json_dumps, json_loads)
         self._connect = Connector(target, prepared_statements=prepared_statements)
         self._read = (
             self._connect
@@ -308,542 +1025,91 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(
-        self,
-        conn: CallerConnection | None,
-        sql: str,
-        params: Mapping[str, Any],
-        *,
-        read: bool = False,
-    ) -> list[Any]:
-        connector = self._read if read else self._connect
-        with connector(conn) as c, translated():
-            return c.execute(sql, params, prepare=connector.prepare(c)).fetchall()
+    def _run(self, call: Call[R]) -> R:
+        connector = self._read if call.read else self._connect
+        if isinstance(call.conn, psycopg.AsyncConnection):
+            raise TypeError("conn= of a Client takes a Connection; an AsyncClient takes this one")
+        with connector(call.conn) as c, translated():
+            prepare = connector.prepare(c)
+            if call.rows == "tuples":
+                return call.result(c.execute(call.sql, call.params, prepare=prepare).fetchall())
+            row_factory, loads = self._row_factory(call.rows)
+            with c.cursor(row_factory=row_factory) as cur:
+                set_json_loads(loads, cur)
+                return call.result(cur.execute(call.sql, call.params, prepare=prepare).fetchall())
 
-    def _events(
-        self,
-        conn: CallerConnection | None,
-        sql: str,
-        params: Mapping[str, Any],
-        *,
-        read: bool = False,
-    ) -> list[RecordedEvent]:
-        connector = self._read if read else self._connect
-        with connector(conn) as c, translated(), c.cursor(row_factory=event_rows) as cur:
-            set_json_loads(self._loads, cur)
-            return cur.execute(sql, params, prepare=connector.prepare(c)).fetchall()
-
-    def _objects(
-        self,
-        conn: CallerConnection | None,
-        cls: type[T],
-        sql: str,
-        params: Mapping[str, Any],
-        *,
-        read: bool = False,
-    ) -> list[T]:
-        connector = self._read if read else self._connect
-        with connector(conn) as c, translated(), c.cursor(row_factory=class_row(cls)) as cur:
-            set_json_loads(self._json_loads, cur)
-            return cur.execute(sql, params, prepare=connector.prepare(c)).fetchall()
-
-    # Appends ------------------------------------------------------------------
-
-    def append(
-        self,
-        category: str,
-        stream_id: str,
-        event_type: str,
-        data: JsonObject,
-        *,
-        expected_version: int | None = None,
-        metadata: JsonObject | None = None,
-        event_id: uuid.UUID | None = None,
-        conn: CallerConnection | None = None,
-    ) -> Appended:
-        """Append one event. Raises WrongExpectedVersion if the stream moved on."""
-        row = self._call(
-            conn,
-            "SELECT version, position FROM meowmx.append_event("
-            "category => %(category)s, stream_id => %(stream_id)s,"
-            " event_type => %(event_type)s, data => %(data)s,"
-            " expected_version => %(expected_version)s, metadata => %(metadata)s,"
-            " event_id => %(event_id)s)",
-            {
-                "category": category,
-                "stream_id": stream_id,
-                "event_type": event_type,
-                "data": Jsonb(data, self._dumps),
-                "expected_version": expected_version,
-                "metadata": None if metadata is None else Jsonb(metadata, self._dumps),
-                "event_id": event_id,
-            },
-        )[0]
-        return Appended(*row)
-
-    def append_many(
-        self,
-        category: str,
-        stream_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_version: int | None = None,
-        conn: CallerConnection | None = None,
-    ) -> list[Appended]:
-        """Append several events atomically, with consecutive versions."""
-        rows = self._call(
-            conn,
-            "SELECT version, position FROM meowmx.append_events("
-            "category => %(category)s, stream_id => %(stream_id)s, events => %(events)s,"
-            " expected_version => %(expected_version)s)",
-            {
-                "category": category,
-                "stream_id": stream_id,
-                "events": Jsonb([event.as_json() for event in events], self._dumps),
-                "expected_version": expected_version,
-            },
-        )
-        return [Appended(*row) for row in rows]
-
-    # Reads --------------------------------------------------------------------
-
-    def stream_version(
-        self, category: str, stream_id: str, *, conn: CallerConnection | None = None
-    ) -> int:
-        """The stream's current version; 0 if it does not exist."""
-        sql = "SELECT meowmx.stream_version(category => %(category)s, stream_id => %(stream_id)s)"
-        params = {"category": category, "stream_id": stream_id}
-        version: int = self._call(conn, sql, params, read=True)[0][0]
-        return version
-
-    def read_stream_page(
-        self,
-        category: str,
-        stream_id: str,
-        *,
-        from_version: int | None = None,
-        max_count: int = 1000,
-        backwards: bool = False,
-        conn: CallerConnection | None = None,
-    ) -> list[RecordedEvent]:
-        """One page of a stream's events in version order."""
-        return self._events(
-            conn,
-            f"SELECT {_EVENT_COLUMNS} FROM meowmx.read_stream("
-            "category => %(category)s, stream_id => %(stream_id)s,"
-            " from_version => %(from_version)s, max_count => %(max_count)s,"
-            " backwards => %(backwards)s)",
-            {
-                "category": category,
-                "stream_id": stream_id,
-                "from_version": from_version,
-                "max_count": max_count,
-                "backwards": backwards,
-            },
-            read=True,
-        )
-
-    def read_stream(
-        self,
-        category: str,
-        stream_id: str,
-        *,
-        from_version: int | None = None,
-        backwards: bool = False,
-        page_size: int = 1000,
-        conn: CallerConnection | None = None,
-    ) -> Iterator[RecordedEvent]:
-        """A stream's events, fetched lazily page by page."""
-        while True:
-            page = self.read_stream_page(
-                category,
-                stream_id,
-                from_version=from_version,
-                max_count=page_size,
-                backwards=backwards,
-                conn=conn,
-            )
+    def _iterate(self, pages: Pages[E]) -> Iterator[E]:
+        call: Call[list[E]] | None = pages.first
+        while call is not None:
+            page = self._run(call)
             yield from page
-            if len(page) < page_size:
+            if len(page) < call.params["max_count"]:
                 return
-            from_version = page[-1].version + (-1 if backwards else 1)
-            if from_version < 1:
-                return
+            call = pages.after(page)
 
-    def read_events_page(
+
+class AsyncClient(_Calls):
+    """Client, for asyncio: the same methods, arguments, errors and semantics, awaited.
+
+    `target` and `read_target` are a DSN, a psycopg AsyncConnection or a psycopg_pool
+    AsyncConnectionPool; `conn=` takes an AsyncConnection. read_stream and read_events
+    return async iterators (`async for`). A DSN's connection serves one call at a time,
+    in the order the calls come; give a pool for calls that should run side by side.
+    """
+
+    def __init__(
         self,
+        target: AsyncTarget,
         *,
-        after: str | None = None,
-        max_count: int = 1000,
-        categories: Sequence[str] | None = None,
-        event_types: Sequence[str] | None = None,
-        conn: CallerConnection | None = None,
-    ) -> list[RecordedEvent]:
-        """One page of events in commit order; pass the last row's `cursor` as `after`."""
-        return self._events(
-            conn,
-            f"SELECT {_EVENT_COLUMNS} FROM meowmx.read_events("
-            "after => %(after)s, max_count => %(max_count)s,"
-            " categories => %(categories)s, event_types => %(event_types)s)",
-            {
-                "after": after,
-                "max_count": max_count,
-                "categories": None if categories is None else list(categories),
-                "event_types": None if event_types is None else list(event_types),
-            },
-            read=True,
+        read_target: AsyncTarget | None = None,
+        prepared_statements: bool | None = None,
+        json_dumps: Callable[[Any], str] = default_json_dumps,
+        json_loads: Callable[[bytes | str], Any] = json.loads,
+    ):
+        super().__init__(json_dumps, json_loads)
+        self._connect = AsyncConnector(target, prepared_statements=prepared_statements)
+        self._read = (
+            self._connect
+            if read_target is None
+            else AsyncConnector(read_target, prepared_statements=prepared_statements)
         )
 
-    def read_events(
-        self,
-        *,
-        after: str | None = None,
-        categories: Sequence[str] | None = None,
-        event_types: Sequence[str] | None = None,
-        page_size: int = 1000,
-        conn: CallerConnection | None = None,
-    ) -> Iterator[RecordedEvent]:
-        """All events (or some categories or types) in commit order, fetched lazily.
+    async def close(self) -> None:
+        """Close the connections the client opened for a DSN, if any."""
+        await self._connect.close()
+        await self._read.close()
 
-        Ends at the read horizon: events of transactions still running when a page
-        is read come later, to a reader that continues from the last cursor.
-        """
-        while True:
-            page = self.read_events_page(
-                after=after,
-                max_count=page_size,
-                categories=categories,
-                event_types=event_types,
-                conn=conn,
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, call: Call[R]) -> R:
+        connector = self._read if call.read else self._connect
+        conn = call.conn
+        if conn is not None and not isinstance(conn, psycopg.AsyncConnection):
+            raise TypeError(
+                f"conn= of an AsyncClient takes an AsyncConnection, not {type(conn).__name__}"
             )
-            yield from page
-            if len(page) < page_size:
+        async with connector(conn) as c:
+            with translated():
+                prepare = await connector.prepare(c)
+                if call.rows == "tuples":
+                    cursor = await c.execute(call.sql, call.params, prepare=prepare)
+                    return call.result(await cursor.fetchall())
+                row_factory, loads = self._row_factory(call.rows)
+                async with c.cursor(row_factory=row_factory) as cur:
+                    set_json_loads(loads, cur)
+                    await cur.execute(call.sql, call.params, prepare=prepare)
+                    return call.result(await cur.fetchall())
+
+    async def _iterate(self, pages: Pages[E]) -> AsyncIterator[E]:
+        call: Call[list[E]] | None = pages.first
+        while call is not None:
+            page = await self._run(call)
+            for event in page:
+                yield event
+            if len(page) < call.params["max_count"]:
                 return
-            after = page[-1].cursor
-
-    def end_cursor(self, *, conn: CallerConnection | None = None) -> str:
-        """A cursor after every event readable now: reading after it returns only
-        events that commit later (including those of transactions open now)."""
-        cursor: str = self._call(conn, "SELECT meowmx.end_cursor()", {}, read=True)[0][0]
-        return cursor
-
-    def list_streams(
-        self,
-        category: str,
-        *,
-        after: str | None = None,
-        max_count: int = 1000,
-        conn: CallerConnection | None = None,
-    ) -> list[StreamSummary]:
-        """One page of a category's streams in stream id order, after `after`."""
-        sql = (
-            "SELECT * FROM meowmx.list_streams(category => %(category)s, after => %(after)s,"
-            " max_count => %(max_count)s)"
-        )
-        params = {"category": category, "after": after, "max_count": max_count}
-        return self._objects(conn, StreamSummary, sql, params, read=True)
-
-    def delete_stream(
-        self,
-        category: str,
-        stream_id: str,
-        *,
-        before_version: int | None = None,
-        conn: CallerConnection | None = None,
-    ) -> int:
-        """Delete a stream's events (all, or those before `before_version`); admin only."""
-        sql = (
-            "SELECT meowmx.delete_stream(category => %(category)s, stream_id => %(stream_id)s,"
-            " before_version => %(before_version)s)"
-        )
-        params = {"category": category, "stream_id": stream_id, "before_version": before_version}
-        deleted: int = self._call(conn, sql, params)[0][0]
-        return deleted
-
-    def save_snapshot(
-        self,
-        category: str,
-        stream_id: str,
-        version: int,
-        state: JsonObject,
-        *,
-        conn: CallerConnection | None = None,
-    ) -> None:
-        """Store the stream's state as of `version`."""
-        self._call(
-            conn,
-            "SELECT meowmx.save_snapshot(category => %(category)s, stream_id => %(stream_id)s,"
-            " version => %(version)s, state => %(state)s)",
-            {
-                "category": category,
-                "stream_id": stream_id,
-                "version": version,
-                "state": Jsonb(state, self._dumps),
-            },
-        )
-
-    def load_snapshot(
-        self,
-        category: str,
-        stream_id: str,
-        *,
-        max_version: int | None = None,
-        conn: CallerConnection | None = None,
-    ) -> Snapshot | None:
-        """The newest snapshot at or below `max_version` (default: the newest), or None."""
-        sql = (
-            "SELECT * FROM meowmx.load_snapshot(category => %(category)s,"
-            " stream_id => %(stream_id)s, max_version => %(max_version)s)"
-        )
-        params = {"category": category, "stream_id": stream_id, "max_version": max_version}
-        found = self._objects(conn, Snapshot, sql, params, read=True)
-        return found[0] if found else None
-
-    def schema_version(self, *, conn: CallerConnection | None = None) -> int:
-        """The installed schema version (the newest migration applied)."""
-        version: int = self._call(conn, "SELECT meowmx.version()", {})[0][0]
-        return version
-
-    # Subscriptions --------------------------------------------------------------
-
-    def create_subscription(
-        self,
-        name: str,
-        *,
-        categories: Sequence[str] | None = None,
-        event_types: Sequence[str] | None = None,
-        partitions: int = 1,
-        start_at: str = "beginning",
-        max_attempts: int = 10,
-        conn: CallerConnection | None = None,
-    ) -> bool:
-        """Create a subscription; True if created, False if it exists identically."""
-        created: bool = self._call(
-            conn,
-            "SELECT meowmx.create_subscription(name => %(name)s, categories => %(categories)s,"
-            " event_types => %(event_types)s, partitions => %(partitions)s,"
-            " start_at => %(start_at)s, max_attempts => %(max_attempts)s)",
-            {
-                "name": name,
-                "categories": None if categories is None else list(categories),
-                "event_types": None if event_types is None else list(event_types),
-                "partitions": partitions,
-                "start_at": start_at,
-                "max_attempts": max_attempts,
-            },
-        )[0][0]
-        return created
-
-    def drop_subscription(self, name: str, *, conn: CallerConnection | None = None) -> bool:
-        """Drop a subscription with its checkpoints and parked events; False if absent."""
-        sql = "SELECT meowmx.drop_subscription(name => %(name)s)"
-        dropped: bool = self._call(conn, sql, {"name": name})[0][0]
-        return dropped
-
-    def reset_subscription(
-        self, name: str, start_at: str = "beginning", *, conn: CallerConnection | None = None
-    ) -> None:
-        """Move every partition to 'beginning', 'end' or a cursor."""
-        sql = "SELECT meowmx.reset_subscription(name => %(name)s, start_at => %(start_at)s)"
-        self._call(conn, sql, {"name": name, "start_at": start_at})
-
-    def claim_batch(
-        self,
-        subscription: str,
-        worker: str,
-        *,
-        max_count: int = 100,
-        lease: timedelta = timedelta(seconds=30),
-        conn: CallerConnection | None = None,
-    ) -> list[ClaimedEvent]:
-        """Claim a partition with work waiting and return its next events, in order."""
-        events = self._events(
-            conn,
-            f"SELECT {_CLAIMED_COLUMNS} FROM meowmx.claim_batch(subscription => %(subscription)s,"
-            " worker => %(worker)s, max_count => %(max_count)s, lease => %(lease)s)",
-            {
-                "subscription": subscription,
-                "worker": worker,
-                "max_count": max_count,
-                "lease": lease,
-            },
-        )
-        return events  # type: ignore[return-value]
-
-    def claim_partition(
-        self,
-        subscription: str,
-        worker: str,
-        *,
-        lease: timedelta = timedelta(seconds=30),
-        conn: CallerConnection | None = None,
-    ) -> PartitionClaim | None:
-        """Lease a partition with work waiting, for a batch read with read_partition."""
-        rows = self._call(
-            conn,
-            "SELECT * FROM meowmx.claim_partition(subscription => %(subscription)s,"
-            " worker => %(worker)s, lease => %(lease)s)",
-            {"subscription": subscription, "worker": worker, "lease": lease},
-        )
-        return PartitionClaim(*rows[0]) if rows else None
-
-    def read_partition(
-        self,
-        subscription: str,
-        partition: int,
-        *,
-        after: str,
-        until: str,
-        max_count: int = 100,
-        conn: CallerConnection | None = None,
-    ) -> list[ClaimedEvent]:
-        """The batch of a claimed partition, read on the read target (a standby). The
-        last row may be another partition's event, where the scan ended."""
-        events = self._events(
-            conn,
-            f"SELECT {_CLAIMED_COLUMNS} FROM meowmx.read_partition("
-            "subscription => %(subscription)s, partition => %(partition)s,"
-            " after => %(after)s, until => %(until)s, max_count => %(max_count)s)",
-            {
-                "subscription": subscription,
-                "partition": partition,
-                "after": after,
-                "until": until,
-                "max_count": max_count,
-            },
-            read=True,
-        )
-        return events  # type: ignore[return-value]
-
-    def ack_through(
-        self,
-        subscription: str,
-        worker: str,
-        partition: int,
-        cursor: str,
-        *,
-        conn: CallerConnection | None = None,
-    ) -> None:
-        """Mark the partition handled up to `cursor` (from read_partition); ends the batch."""
-        self._call(
-            conn,
-            "SELECT meowmx.ack_through(subscription => %(subscription)s, worker => %(worker)s,"
-            " partition => %(partition)s, cursor => %(cursor)s)",
-            {
-                "subscription": subscription,
-                "worker": worker,
-                "partition": partition,
-                "cursor": cursor,
-            },
-        )
-
-    def ack(
-        self,
-        subscription: str,
-        worker: str,
-        partition: int,
-        event_position: int,
-        *,
-        conn: CallerConnection | None = None,
-    ) -> None:
-        """Mark the event, and those before it in the batch, as handled."""
-        self._call(
-            conn,
-            "SELECT meowmx.ack(subscription => %(subscription)s, worker => %(worker)s,"
-            " partition => %(partition)s, event_position => %(event_position)s)",
-            {
-                "subscription": subscription,
-                "worker": worker,
-                "partition": partition,
-                "event_position": event_position,
-            },
-        )
-
-    def nack(
-        self,
-        subscription: str,
-        worker: str,
-        partition: int,
-        event_position: int,
-        error: str,
-        *,
-        retry_after: timedelta = timedelta(0),
-        conn: CallerConnection | None = None,
-    ) -> bool:
-        """Record a failure of the event; True if it was parked (a dead letter)."""
-        parked: bool = self._call(
-            conn,
-            "SELECT meowmx.nack(subscription => %(subscription)s, worker => %(worker)s,"
-            " partition => %(partition)s, event_position => %(event_position)s,"
-            " error => %(error)s, retry_after => %(retry_after)s)",
-            {
-                "subscription": subscription,
-                "worker": worker,
-                "partition": partition,
-                "event_position": event_position,
-                "error": error,
-                "retry_after": retry_after,
-            },
-        )[0][0]
-        return parked
-
-    def renew_lease(
-        self, subscription: str, worker: str, *, conn: CallerConnection | None = None
-    ) -> int:
-        """Extend the worker's leases without acking; returns how many it still holds."""
-        sql = "SELECT meowmx.renew_lease(subscription => %(subscription)s, worker => %(worker)s)"
-        params = {"subscription": subscription, "worker": worker}
-        renewed: int = self._call(conn, sql, params)[0][0]
-        return renewed
-
-    def release(
-        self, subscription: str, worker: str, *, conn: CallerConnection | None = None
-    ) -> int:
-        """Give up the worker's leases; returns how many partitions it held."""
-        sql = "SELECT meowmx.release(subscription => %(subscription)s, worker => %(worker)s)"
-        params = {"subscription": subscription, "worker": worker}
-        released: int = self._call(conn, sql, params)[0][0]
-        return released
-
-    def subscription_status(
-        self, name: str | None = None, *, conn: CallerConnection | None = None
-    ) -> list[PartitionStatus]:
-        """One row per partition: checkpoint, lag, lease, failures, parked count."""
-        sql = "SELECT * FROM meowmx.subscription_status(name => %(name)s)"
-        return self._objects(conn, PartitionStatus, sql, {"name": name})
-
-    def list_parked(
-        self, subscription: str, *, max_count: int = 100, conn: CallerConnection | None = None
-    ) -> list[ParkedEvent]:
-        sql = (
-            "SELECT * FROM meowmx.list_parked(subscription => %(subscription)s,"
-            " max_count => %(max_count)s)"
-        )
-        params = {"subscription": subscription, "max_count": max_count}
-        return self._objects(conn, ParkedEvent, sql, params)
-
-    def requeue_parked(
-        self, subscription: str, event_position: int, *, conn: CallerConnection | None = None
-    ) -> int:
-        """Deliver a parked event again (its partition rewinds to just before it)."""
-        sql = (
-            "SELECT meowmx.requeue_parked(subscription => %(subscription)s,"
-            " event_position => %(event_position)s)"
-        )
-        params = {"subscription": subscription, "event_position": event_position}
-        removed: int = self._call(conn, sql, params)[0][0]
-        return removed
-
-    def horizon_blockers(self, *, conn: CallerConnection | None = None) -> list[HorizonBlocker]:
-        """Transactions holding the read horizon back, oldest first."""
-        rows = self._call(
-            conn,
-            "SELECT pid, database, username, application_name, state,"
-            " transaction_id::text, transaction_age, query FROM meowmx.horizon_blockers()",
-            {},
-        )
-        names = [f.name for f in fields(HorizonBlocker)]
-        blockers = [dict(zip(names, row, strict=True)) for row in rows]
-        return [
-            HorizonBlocker(**{**b, "transaction_id": int(b["transaction_id"])}) for b in blockers
-        ]
+            call = pages.after(page)
