@@ -699,6 +699,48 @@ def claim_meowmx(ctx: Ctx) -> Figure:
     }
 
 
+def prepare_scrape(ctx: Ctx) -> None:
+    """20 subscriptions (1 to 4 partitions, half filtered by category) on the big table,
+    each with events waiting: 1,000 appended after they were created at its end."""
+    fill_big(ctx)
+    with ctx.connect(ctx.big_dsn) as conn:
+        client = Client(conn)
+        created = [
+            client.create_subscription(
+                f"scrape-{i}",
+                categories=[f"fill-{i}"] if i % 2 else None,
+                partitions=1 + i % 4,
+                start_at="end",
+            )
+            for i in range(20)
+        ]
+        if any(created):
+            conn.execute(
+                "SELECT count(*) FROM generate_series(0, 9) AS g, LATERAL meowmx.append_events("
+                "category => 'fill-' || g, stream_id => 'scrape-' || g, events => %s)",
+                [Jsonb([{"type": EVENT_TYPE, "data": PAYLOAD}] * 100)],
+            )
+
+
+def scrape_meowmx(ctx: Ctx) -> Figure:
+    """One Prometheus scrape: meowmx.metrics() and its text format (generate_latest)."""
+    from prometheus_client import generate_latest
+
+    import meowmx.metrics
+
+    times: list[float] = []
+    with ctx.connect(ctx.big_dsn) as conn:
+        registry = meowmx.metrics.registry(Client(conn))
+        for sample in range(-3, ctx.settings.claim_samples):
+            began = time.perf_counter()
+            text = generate_latest(registry)
+            if sample >= 0:
+                times.append((time.perf_counter() - began) * 1e3)
+            if b"meowmx_up 1.0" not in text:
+                raise RuntimeError("the scrape did not reach the database")
+    return {"p50": percentile(times, 0.5), "p95": percentile(times, 0.95)}
+
+
 # Registry: what runs, what it is compared with, and its targets ---------------------------------
 
 
@@ -743,6 +785,7 @@ def no_reset(ctx: Ctx) -> None:
 
 def workloads(s: Settings) -> list[Workload]:
     n, big, claim_limit = s.clients, f"{s.big_rows:,}", Check("value<=", 5.0)
+    scrape_limit = Check("value<=", 50.0)
     return [
         Workload(
             "append_1c",
@@ -852,6 +895,20 @@ def workloads(s: Settings) -> list[Workload]:
             None,
             reset=no_reset,
             prepare=prepare_claim,
+        ),
+        Workload(
+            "metrics_scrape",
+            f"a Prometheus scrape (meowmx.metrics() + text format) of {big} events and 20"
+            " subscriptions (50 partitions) with events waiting",
+            "none",
+            (
+                Metric("p50", f"metrics scrape at {big} events, p50", "ms", scrape_limit),
+                Metric("p95", f"metrics scrape at {big} events, p95", "ms", scrape_limit),
+            ),
+            scrape_meowmx,
+            None,
+            reset=no_reset,
+            prepare=prepare_scrape,
         ),
     ]
 

@@ -197,6 +197,7 @@ VALID: dict[str, dict[str, Any]] = {
     "list_streams": {"category": "cart"},
     "delete_stream": {"category": "cart", "stream_id": "1", "before_version": 2},
     "horizon_blockers": {},
+    "metrics": {},
     "version": {},
     "end_cursor": {},
     "adopt_cluster": {},

@@ -44,6 +44,7 @@ READ = {
     "load_snapshot",
     "end_cursor",
     "horizon_blockers",
+    "metrics",
 }
 WRITE = {"append_event", "append_events", "save_snapshot"}
 WORK = {
@@ -249,6 +250,10 @@ def test_writer_appends_and_reads_but_cannot_change_the_log(
             ("3",),
         ]
         call_sql(writer, "horizon_blockers")
+        assert call_sql(writer, "metrics", "metric, value")[0] == (
+            "meowmx_schema_version",
+            meowmx.latest_version(),
+        )
         assert call_sql(writer, "version") == [(meowmx.latest_version(),)]
 
         before = event_count(owner)
@@ -288,6 +293,7 @@ def test_reader_reads_but_cannot_append(
         assert len(call_sql(reader, "list_streams", category="acct")) == 2
         assert call_sql(reader, "load_snapshot", category="acct", stream_id="2") == []
         call_sql(reader, "horizon_blockers")
+        assert len(call_sql(reader, "metrics")) > 1
 
         denied(
             reader,

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ from meowmx.errors import MeowmxError
 from meowmx.follower import CHANNEL, Follower, stop_on_signals
 from meowmx.install import applied_versions, install, latest_version, migrations, script
 from meowmx.legacy import import_legacy
-from meowmx.output import event_json, is_tty, json_lines, table
+from meowmx.output import HORIZON_HEADERS, event_json, horizon_rows, is_tty, json_lines, table
 from meowmx.worker import Worker
 
 PROG = "meowmx"
@@ -457,6 +458,34 @@ def _parser() -> _Parser:
         "still running anywhere in the cluster. These are they, oldest first.",
     )
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    for name, run, what, default_port in (
+        ("metrics", _metrics, "serve meowmx's figures for Prometheus", 9464),
+        ("web", _web, "serve the web console (read-only unless --admin)", 8080),
+    ):
+        p = command(
+            name,
+            run,
+            what,
+            description=f"{what[0].upper()}{what[1:]} at http://ADDRESS:PORT/ until SIGTERM or"
+            " Ctrl-C."
+            + (" Needs meowmx[metrics]." if name == "metrics" else " Needs meowmx[web]."),
+        )
+        p.add_argument("--port", type=_positive_int, default=default_port, help=f"({default_port})")
+        p.add_argument(
+            "--address", default="127.0.0.1", help="where to listen (127.0.0.1: this machine only)"
+        )
+        if name == "web":
+            p.add_argument(
+                "--admin", action="store_true", help="allow requeueing dead letters from the pages"
+            )
+            p.add_argument(
+                "--sample-every",
+                type=_seconds,
+                default=5.0,
+                metavar="SECONDS",
+                help="how often to sample the lag the subscriptions page draws (5)",
+            )
 
     p = command(
         "demo",
@@ -1002,6 +1031,58 @@ def _worker_processes(args: argparse.Namespace, dsn: str) -> int:
     return next((code for code in codes if code != 0 and code not in stopped), 0)
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    target = resolve(args)
+    assert target is not None
+    try:
+        from meowmx import metrics
+    except ImportError:
+        raise CliError(
+            "meowmx metrics needs prometheus_client: pip install 'meowmx[metrics]'", 2
+        ) from None
+    target.connect().close()  # a bad DSN fails now, with its reason
+    try:
+        server = metrics.serve(target.dsn, args.port, args.address)
+    except OSError as error:
+        raise CliError(
+            f"cannot listen on {args.address}:{args.port}: {error.strerror}", 2
+        ) from None
+    _say(f"serving metrics at http://{args.address}:{args.port}/metrics")
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        while not stop.wait(1):
+            pass
+    server.shutdown()
+    return 0
+
+
+def _web(args: argparse.Namespace) -> int:
+    target = resolve(args)
+    assert target is not None
+    try:
+        from meowmx import web
+    except ImportError:
+        raise CliError(
+            "meowmx web needs Starlette and uvicorn: pip install 'meowmx[web]'", 2
+        ) from None
+    target.connect().close()
+    try:  # uvicorn would log a failure to listen and exit 1: say it here instead
+        socket.create_server((args.address, args.port)).close()
+    except OSError as error:
+        raise CliError(
+            f"cannot listen on {args.address}:{args.port}: {error.strerror}", 2
+        ) from None
+    _say(f"console at http://{args.address}:{args.port}/" + (" (admin)" if args.admin else ""))
+    web.serve(
+        target.dsn,
+        port=args.port,
+        address=args.address,
+        admin=args.admin,
+        sample_every=args.sample_every,
+    )
+    return 0
+
+
 def _horizon(args: argparse.Namespace) -> int:
     with _database(args) as (_, conn):
         if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
@@ -1015,20 +1096,7 @@ def _horizon(args: argparse.Namespace) -> int:
     if args.json:
         json_lines(sys.stdout, blockers)
         return 0
-    headers = ["pid", "state", "age", "transaction", "user", "database", "application", "query"]
-    rows = [
-        [
-            b.pid,
-            b.state,
-            b.transaction_age,
-            b.transaction_id,
-            b.username,
-            b.database,
-            b.application_name,
-            b.query,
-        ]
-        for b in blockers
-    ]
+    headers, rows = HORIZON_HEADERS, horizon_rows(blockers)
     table(sys.stdout, headers, rows, empty="no transaction is holding the read horizon back")
     return 0
 

@@ -194,6 +194,18 @@ class HorizonBlocker:
     query: str | None
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One sample of meowmx.metrics(): its family's name, kind ('gauge' or 'counter')
+    and help, its labels, and its value."""
+
+    metric: str
+    kind: str
+    help: str
+    labels: dict[str, str]
+    value: float
+
+
 _EVENT_FIELDS = [f.name for f in fields(RecordedEvent)]
 _CLAIMED_FIELDS = [f.name for f in fields(ClaimedEvent) if f.name != "decode_error"]
 
@@ -974,6 +986,11 @@ class _Calls:
             columns="pid, database, username, application_name, state,"
             " transaction_id::text::bigint, transaction_age, query",
         )
+
+    @_Method
+    def metrics(self, *, conn: AnyCallerConnection | None = None) -> Call[list[Metric]]:
+        """Every figure a monitoring scrape reads (see meowmx.metrics), in one call."""
+        return Call.of("metrics", {}, _all, rows=Metric, conn=conn)
 
 
 class Client(_Calls):

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
-from meowmx.client import RecordedEvent
+from meowmx.client import HorizonBlocker, RecordedEvent
 
 
 def is_tty(stream: IO[str]) -> bool:
@@ -114,3 +114,23 @@ def duration(seconds: float) -> str:
     if minutes < 60:
         return f"{minutes}m{secs:02d}s"
     return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+HORIZON_HEADERS = ["pid", "state", "age", "transaction", "user", "database", "application", "query"]
+
+
+def horizon_rows(blockers: Iterable[HorizonBlocker]) -> list[list[Any]]:
+    """The rows of `meowmx horizon` and of the console's horizon page."""
+    return [
+        [
+            b.pid,
+            b.state,
+            b.transaction_age,
+            b.transaction_id,
+            b.username,
+            b.database,
+            b.application_name,
+            b.query,
+        ]
+        for b in blockers
+    ]

@@ -9,4 +9,5 @@ INSERT INTO meowmx.migrations (version, name) VALUES
 (7, 'workers'),
 (8, 'session_move_check'),
 (9, 'session_shift'),
-(10, 'standby_batches');
+(10, 'standby_batches'),
+(11, 'metrics');
