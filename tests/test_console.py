@@ -266,6 +266,14 @@ def test_the_console_shows_streams_events_and_the_live_log(
     assert "cat post" in text_of(browser)
     shoot(browser, "log")
 
+    # A reconnecting browser sends the last event's cursor: it goes on after that one.
+    first_two = client.read_events_page(max_count=2)
+    request = urllib.request.Request(
+        url + "/log/live?after=", headers={"Last-Event-ID": first_two[0].cursor}
+    )
+    with urllib.request.urlopen(request) as live:
+        assert live.readline().decode() == f"id: {first_two[1].cursor}\n"
+
     browser.get(url + "/log?after=")  # from the beginning: a page, then the rest live
     assert text_of(browser).index("order / o00") < text_of(browser).index("order / o49")
     wait_until(lambda: "invoice / i1" in text_of(browser), "the events after the first page")

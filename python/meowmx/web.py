@@ -241,8 +241,10 @@ async def log_page(console: Console, request: Request) -> Response:
 
 
 async def log_live(console: Console, request: Request) -> Response:
-    """Server-sent events: each event committed after `after`, as JSON, as it commits."""
-    after = request.query_params.get("after") or None
+    """Server-sent events: each event committed after `after`, as JSON, as it commits.
+    Each carries its cursor as its id: a browser that reconnects sends the last one
+    (Last-Event-ID) and goes on from there, with nothing twice."""
+    after = request.headers.get("last-event-id") or request.query_params.get("after") or None
     await console.client.read_events_page(after=after, max_count=1)  # a bad cursor: 400 now
 
     async def events() -> AsyncIterator[str]:
@@ -252,7 +254,7 @@ async def log_live(console: Console, request: Request) -> Response:
             while True:
                 page = await console.client.read_events_page(after=cursor, max_count=100)
                 for event in page:
-                    yield f"data: {event_json(event)}\n\n"
+                    yield f"id: {event.cursor}\ndata: {event_json(event)}\n\n"
                 if page:
                     cursor = page[-1].cursor
                 else:
