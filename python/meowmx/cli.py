@@ -1031,22 +1031,31 @@ def _worker_processes(args: argparse.Namespace, dsn: str) -> int:
     return next((code for code in codes if code != 0 and code not in stopped), 0)
 
 
-def _metrics(args: argparse.Namespace) -> int:
+def _serving(args: argparse.Namespace, module: str, needs: str) -> tuple[Target, Any]:
+    """For `meowmx metrics` and `meowmx web`: the target and the module that serves, or a
+    one-line CliError now (the extra not installed, no database, the port taken) rather
+    than a server's own log line later."""
     target = resolve(args)
     assert target is not None
     try:
-        from meowmx import metrics
+        served = importlib.import_module(f"meowmx.{module}")
     except ImportError:
         raise CliError(
-            "meowmx metrics needs prometheus_client: pip install 'meowmx[metrics]'", 2
+            f"meowmx {args.command} needs {needs}: pip install 'meowmx[{module}]'", 2
         ) from None
     target.connect().close()  # a bad DSN fails now, with its reason
     try:
-        server = metrics.serve(target.dsn, args.port, args.address)
+        socket.create_server((args.address, args.port)).close()
     except OSError as error:
         raise CliError(
             f"cannot listen on {args.address}:{args.port}: {error.strerror}", 2
         ) from None
+    return target, served
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    target, metrics = _serving(args, "metrics", "prometheus_client")
+    server = metrics.serve(target.dsn, args.port, args.address)
     _say(f"serving metrics at http://{args.address}:{args.port}/metrics")
     stop = threading.Event()
     with stop_on_signals(stop):
@@ -1057,21 +1066,7 @@ def _metrics(args: argparse.Namespace) -> int:
 
 
 def _web(args: argparse.Namespace) -> int:
-    target = resolve(args)
-    assert target is not None
-    try:
-        from meowmx import web
-    except ImportError:
-        raise CliError(
-            "meowmx web needs Starlette and uvicorn: pip install 'meowmx[web]'", 2
-        ) from None
-    target.connect().close()
-    try:  # uvicorn would log a failure to listen and exit 1: say it here instead
-        socket.create_server((args.address, args.port)).close()
-    except OSError as error:
-        raise CliError(
-            f"cannot listen on {args.address}:{args.port}: {error.strerror}", 2
-        ) from None
+    target, web = _serving(args, "web", "Starlette and uvicorn")
     _say(f"console at http://{args.address}:{args.port}/" + (" (admin)" if args.admin else ""))
     web.serve(
         target.dsn,

@@ -42,7 +42,8 @@ LAG_WINDOW = 600.0  # seconds of lag history the subscriptions page draws
 
 
 class Console:
-    """The console's state: its client, its mode, and the lag it has sampled."""
+    """The console's state: its client, its mode, and what it has sampled: the lag, and
+    the categories the statistics know (for the streams page's choices)."""
 
     def __init__(self, dsn: str, *, admin: bool = False, sample_every: float = 5.0):
         self.dsn = dsn
@@ -50,15 +51,22 @@ class Console:
         self.sample_every = sample_every
         self.client = AsyncClient(dsn)
         self.lag: dict[str, deque[tuple[float, int]]] = {}  # per subscription: (time, behind)
+        self.categories: list[str] = []
 
     async def sample(self) -> None:
-        """Record each subscription's events behind, every sample_every seconds."""
+        """Sample meowmx.metrics() every sample_every seconds (one call)."""
         keep = int(LAG_WINDOW / self.sample_every) + 1
         while True:
             try:
                 behind: dict[str, int] = {}
-                for p in await self.client.subscription_status():
-                    behind[p.subscription] = behind.get(p.subscription, 0) + p.events_behind
+                categories = []
+                for m in await self.client.metrics():
+                    if m.metric == "meowmx_subscription_events_behind":
+                        name = m.labels["subscription"]
+                        behind[name] = behind.get(name, 0) + int(m.value)
+                    elif m.metric == "meowmx_category_events_estimated":
+                        categories.append(m.labels["category"])
+                self.categories = sorted(categories)
                 now = time.time()
                 for name, count in behind.items():
                     self.lag.setdefault(name, deque(maxlen=keep)).append((now, count))
@@ -145,15 +153,15 @@ def serve(
 
 async def overview(console: Console, request: Request) -> Response:
     figures: dict[str, float] = {}
+    subscriptions: set[str] = set()
     for m in await console.client.metrics():
         figures[m.metric] = figures.get(m.metric, 0) + m.value
+        if "subscription" in m.labels:
+            subscriptions.add(m.labels["subscription"])
     rows = [
         ("schema version", int(figures.get("meowmx_schema_version", 0))),
         ("events (table statistics)", int(figures.get("meowmx_events", 0))),
-        (
-            "subscriptions",
-            len({p.subscription for p in await console.client.subscription_status()}),
-        ),
+        ("subscriptions", len(subscriptions)),
         (
             "events behind, all subscriptions",
             int(figures.get("meowmx_subscription_events_behind", 0)),
@@ -169,12 +177,7 @@ async def streams(console: Console, request: Request) -> Response:
     category = request.query_params.get("category", "").strip()
     wanted = request.query_params.get("stream_id", "").strip()
     after = request.query_params.get("after") or None
-    known = [
-        m.labels["category"]
-        for m in await console.client.metrics()
-        if m.metric == "meowmx_category_events_estimated"
-    ]
-    options = "".join(f"<option value='{_e(c)}'>" for c in sorted(known))
+    options = "".join(f"<option value='{_e(c)}'>" for c in console.categories)
     body = (
         "<form method=get action='/streams'>"
         f"<label>category <input name=category list=categories value='{_e(category)}'"
