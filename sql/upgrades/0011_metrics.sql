@@ -1,5 +1,6 @@
 -- meowmx upgrade 0011: meowmx.metrics(), every figure a monitoring scrape reads, in one
--- call (meowmx metrics serves them in the Prometheus text format).
+-- call (meowmx metrics serves them in the Prometheus text format); subscription_status
+-- runs without JIT, as metrics() does.
 --
 -- Frozen once released. The function below is copied from sql/schema/, where it is
 -- defined; a test checks that the two agree.
@@ -8,12 +9,15 @@
 -- kind ('gauge' or 'counter') and help, so any stack can serve them (meowmx metrics
 -- serves the Prometheus text format). Nothing here counts the whole log: the totals
 -- come from the table's statistics, and a partition's lag scans only its pending
--- events, through the commit order index.
+-- events, through the commit order index. No JIT: the planner's estimate of those
+-- scans (a third of the log each) is far above jit_above_cost, and compiling took a
+-- second on PostgreSQL 15 with LLVM, for a query that runs in milliseconds.
 CREATE FUNCTION meowmx.metrics()
 RETURNS TABLE (metric text, kind text, help text, labels jsonb, value double precision)
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 AS $$
     WITH parts AS (
         SELECT s.name AS subscription, p.partition, p.lease_owner, p.lease_expires_at,
@@ -38,10 +42,15 @@ AS $$
         ) AS w
     ),
 
-    oldest_blocker AS (
+    -- Read once (pg_stat_activity), for the count and the oldest.
+    blockers AS MATERIALIZED (
         SELECT b.pid, extract(EPOCH FROM b.transaction_age) AS age
         FROM meowmx.horizon_blockers() AS b
-        ORDER BY b.transaction_age DESC NULLS LAST
+    ),
+
+    oldest_blocker AS (
+        SELECT b.pid, b.age FROM blockers AS b
+        ORDER BY b.age DESC NULLS LAST
         LIMIT 1
     ),
 
@@ -104,7 +113,7 @@ AS $$
     UNION ALL
     SELECT 'meowmx_horizon_blockers', 'gauge',
         'Transactions holding the read horizon back.', '{}', count(*)::float8
-    FROM meowmx.horizon_blockers()
+    FROM blockers
     UNION ALL
     SELECT 'meowmx_horizon_oldest_transaction_age_seconds', 'gauge',
         'Age of the oldest transaction holding the read horizon back (0: none), by pid.',
@@ -112,6 +121,10 @@ AS $$
     FROM (SELECT) AS one LEFT JOIN oldest_blocker AS b ON true
 $$;
 CALL meowmx._grant_execute('meowmx.metrics()', 'reader', 'writer', 'worker', 'admin');
+
+-- subscription_status pays the same JIT compile for its per-partition counts
+-- (110 ms of its 180 ms with 50 partitions on PostgreSQL 15 with LLVM).
+ALTER FUNCTION meowmx.subscription_status(text) SET jit = off;
 
 -- PUBLIC gets nothing, new functions included (see schema/09_revoke_public.sql).
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meowmx FROM PUBLIC;
