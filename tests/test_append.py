@@ -553,6 +553,30 @@ def test_json_hooks_decide_how_data_is_written_and_read(dsn: str) -> None:
     assert snapshot is not None and snapshot.state == {"total": decimal.Decimal("45.6")}
 
 
+def test_events_read_back_as_json_loads_reads_them(dsn: str) -> None:
+    # The default loads is msgspec's where installed: every value must read as json.loads
+    # reads it, numbers past a float and nesting past msgspec's limit included.
+    texts = [
+        '{"big": 123456789012345678901234567890, "neg": -9223372036854775809}',
+        '{"huge": 1e400, "tiny": 1e-400, "exact": 45.60, "min": 4.9e-324}',
+        '{"max": 1.7976931348623157e308, "long": 0.1000000000000000055511151231257827}',
+        '{"zero": -0.0, "deep": ' + "[" * 800 + "]" * 800 + "}",
+        '{"text": "caf\\u00e9 \\ud83d\\ude00", "nested": ' + "[" * 600 + "]" * 600 + "}",
+    ]
+    with Client(dsn) as client, psycopg.connect(dsn, autocommit=True) as conn:
+        for i, text in enumerate(texts):
+            conn.execute(
+                "SELECT meowmx.append_event(category => 'num', stream_id => %s,"
+                " event_type => 'N', data => %s::jsonb, metadata => %s::jsonb)",
+                [str(i), text, text],
+            )
+        stored = [row[0] for row in conn.execute("SELECT data::text FROM meowmx.events")]
+        events = list(client.read_events(categories=["num"]))
+    assert [e.data for e in events] == [json.loads(t) for t in stored]
+    assert [e.metadata for e in events] == [json.loads(t) for t in stored]
+    assert events[0].data["big"] == 123456789012345678901234567890
+
+
 def test_every_method_takes_the_callers_connection(dsn: str, connect: Any) -> None:
     methods = [name for name, f in vars(Client).items() if callable(f) and not name.startswith("_")]
     assert [

@@ -825,11 +825,16 @@ def test_an_undecodable_event_is_parked_and_the_worker_goes_on(
     assert parked.error.startswith(f"UndecodableEvent: event {deep} cannot be decoded")
     assert "RecursionError" in parked.error
 
+    # A read returns it (a reader that skips its type never decodes it); reading its
+    # data raises.
+    events = list(client.read_events())
+    assert [e.position for e in events] == [*before, deep, *after]
+    assert [e.data for e in events[:2]] == [{"n": 0}, {"n": 1}]
     with pytest.raises(meowmx.UndecodableEvent) as info:
-        list(client.read_events())
+        events[2].data  # noqa: B018
     assert info.value.position == deep
     with pytest.raises(meowmx.UndecodableEvent):
-        list(client.read_stream("order", "s1"))
+        [e.metadata for e in client.read_stream("order", "s1")]
 
     from meowmx import cli
 

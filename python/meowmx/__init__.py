@@ -22,6 +22,7 @@ from meowmx.client import (
     Snapshot,
     StreamSummary,
     default_json_dumps,
+    default_json_loads,
     retry_on_conflict,
     retry_on_conflict_async,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "StreamSummary",
     "Worker",
     "default_json_dumps",
+    "default_json_loads",
     "install",
     "latest_version",
     "retry_on_conflict",

@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
@@ -94,35 +94,136 @@ class NewEvent:
         return event
 
 
-# Events are plain slotted dataclasses: reads build thousands per page, and a
-# frozen dataclass costs three times as much to build.
-@dataclass(slots=True)
 class RecordedEvent:
+    """An event as stored. `data` and `metadata` arrive as JSON text and are decoded on
+    first access (a reader that skips most events by type never pays for theirs); an
+    event whose JSON this Python cannot decode raises UndecodableEvent there.
+
+    A slotted class rather than a dataclass: reads build thousands per page, and the
+    row maker fills the slots from the row without a call per field.
+    """
+
+    _fields: tuple[str, ...] = (
+        *("position", "transaction_id", "category", "stream_id", "version", "event_type"),
+        *("data", "metadata", "event_id", "recorded_at", "cursor"),
+    )
+    # data and metadata live in _data and _metadata; _loads is set while they are text.
+    __slots__ = (*(f"_{n}" if n in ("data", "metadata") else n for n in _fields), "_loads")
+
     position: int
     transaction_id: int
     category: str
     stream_id: str
     version: int
     event_type: str
-    data: dict[str, Any]
-    metadata: dict[str, Any] | None
     event_id: uuid.UUID | None
     recorded_at: datetime.datetime
     cursor: str
+    _data: Any  # the decoded value, or its JSON text while _loads is set
+    _metadata: Any
+
+    def __init__(
+        self,
+        position: int,
+        transaction_id: int,
+        category: str,
+        stream_id: str,
+        version: int,
+        event_type: str,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None,
+        event_id: uuid.UUID | None,
+        recorded_at: datetime.datetime,
+        cursor: str,
+    ):
+        self.position = position
+        self.transaction_id = transaction_id
+        self.category = category
+        self.stream_id = stream_id
+        self.version = version
+        self.event_type = event_type
+        self._data = data
+        self._metadata = metadata
+        self.event_id = event_id
+        self.recorded_at = recorded_at
+        self.cursor = cursor
+        self._loads: Callable[[str], Any] | None = None
+
+    def _decode(self, loads: Callable[[str], Any]) -> None:
+        try:
+            data = loads(self._data)
+            metadata = None if self._metadata is None else loads(self._metadata)
+        except RecursionError as error:  # valid jsonb nested deeper than Python recurses
+            raise UndecodableEvent(self.position, f"{type(error).__name__}: {error}") from None
+        self._data, self._metadata, self._loads = data, metadata, None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._loads is not None:
+            self._decode(self._loads)
+        return self._data  # type: ignore[no-any-return]
+
+    @data.setter
+    def data(self, value: dict[str, Any]) -> None:
+        self.metadata  # noqa: B018  (decode the other half first: one state for both)
+        self._data = value
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        if self._loads is not None:
+            self._decode(self._loads)
+        return self._metadata  # type: ignore[no-any-return]
+
+    @metadata.setter
+    def metadata(self, value: dict[str, Any] | None) -> None:
+        self.data  # noqa: B018
+        self._metadata = value
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    # Mutable, so unhashable (as the dataclass it replaces was).
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:  # without decoding: JSON still undecoded shows as its text
+        shown = ", ".join(
+            f"{name}={getattr(self, '_' + name if name in ('data', 'metadata') else name)!r}"
+            for name in self._fields
+        )
+        return f"{type(self).__name__}({shown})"
 
 
-@dataclass(slots=True)
 class ClaimedEvent(RecordedEvent):
     """An event handed to a worker by claim_batch, with the partition it came from.
 
     `attempts`: the failures the server recorded for it so far (0 the first time).
-    `decode_error`: set when its data or metadata cannot be decoded here (then they
-    are empty); a Worker nacks such an event without calling the handler.
+    `decode_error`: why its data or metadata cannot be decoded here, or None; a
+    Worker nacks such an event without calling the handler.
     """
 
+    __slots__ = ("partition", "attempts")
+    _fields = (*RecordedEvent._fields, "partition", "attempts")
+
     partition: int
-    attempts: int = 0
-    decode_error: str | None = None
+    attempts: int
+
+    def __init__(self, *event: Any, partition: int, attempts: int = 0):
+        super().__init__(*event)
+        self.partition = partition
+        self.attempts = attempts
+
+    @property
+    def decode_error(self) -> str | None:
+        try:
+            self.data  # noqa: B018
+        except UndecodableEvent as error:
+            return error.reason
+        return None
 
 
 @dataclass(frozen=True)
@@ -206,81 +307,69 @@ class Metric:
     value: float
 
 
-_EVENT_FIELDS = [f.name for f in fields(RecordedEvent)]
-_CLAIMED_FIELDS = [f.name for f in fields(ClaimedEvent) if f.name != "decode_error"]
+def default_json_loads(text: str | bytes) -> Any:
+    """msgspec's JSON decoder where msgspec is installed (eight times faster than
+    json.loads on small objects, and exact on integers of any size), else json.loads.
+    What msgspec refuses (numbers past a float, nesting past its limit) goes to
+    json.loads, so both read every jsonb value alike."""
+    return json.loads(text)
 
 
-class _Undecodable:
-    """What a JSON value that json.loads refused loads as (see _Safe)."""
+try:
+    import msgspec
+except ImportError:  # pragma: no cover  (the dev install has it)
+    pass
+else:
+    _decode, _DecodeError = msgspec.json.Decoder().decode, msgspec.DecodeError
 
-    __slots__ = ("error",)
+    def default_json_loads(text: str | bytes) -> Any:  # noqa: F811
+        try:
+            return _decode(text)
+        except _DecodeError:
+            return json.loads(text)
 
-    def __init__(self, error: BaseException):
-        self.error = error
 
-
-class _Safe:
-    """A JSON loads that returns _Undecodable instead of raising RecursionError: a value
-    nested deeper than Python's recursion limit is valid jsonb, and the error would fail
-    the whole page (or claim). A class, not a closure: psycopg keeps one loader per
-    function, and warns that closures leak."""
+class _EventRows:
+    """Row factory for the columns below: RecordedEvent (or, with partition and
+    attempts, ClaimedEvent) with data and metadata left as text for `loads`."""
 
     __slots__ = ("loads",)
 
-    def __init__(self, loads: Callable[[bytes | str], Any]):
+    def __init__(self, loads: Callable[[str], Any]):
         self.loads = loads
 
-    def __call__(self, data: bytes | str) -> Any:
-        try:
-            return self.loads(data)
-        except RecursionError as error:
-            return _Undecodable(error)
+    def __call__(self, cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> RowMaker[Any]:
+        loads, new = self.loads, object.__new__
+        if len(cursor.description or ()) == _EVENT_COLUMN_COUNT:
+
+            def event(values: Sequence[Any]) -> RecordedEvent:
+                e = new(RecordedEvent)
+                (e.position, xid, e.category, e.stream_id, e.version, e.event_type,
+                 e._data, e._metadata, e.event_id, e.recorded_at, e.cursor) = values  # fmt: skip
+                e.transaction_id, e._loads = int(xid), loads  # xid8 arrives as text
+                return e
+
+            return event
+
+        def claimed(values: Sequence[Any]) -> ClaimedEvent:
+            e = new(ClaimedEvent)
+            (e.position, xid, e.category, e.stream_id, e.version, e.event_type,
+             e._data, e._metadata, e.event_id, e.recorded_at, e.cursor,
+             e.partition, e.attempts) = values  # fmt: skip
+            e.transaction_id, e._loads = int(xid), loads
+            return e
+
+        return claimed
 
 
-@functools.cache
-def _safe(loads: Callable[[bytes | str], Any]) -> _Safe:
-    # One per loads function: psycopg makes a loader class for each, and keeps it.
-    return _Safe(loads)
-
-
-def event_rows(
-    cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any],
-) -> RowMaker[RecordedEvent]:
-    """Row factory for meowmx.recorded_event and claimed_event rows.
-
-    Picks columns by name, so columns a later schema adds are ignored. An event
-    whose JSON cannot be decoded raises UndecodableEvent in a read; in a claim it
-    arrives with `decode_error` set, so that the worker can nack it.
-    """
-    names = [column.name for column in cursor.description or ()]
-    claimed = "partition" in names
-    cls = ClaimedEvent if claimed else RecordedEvent
-    where = [names.index(name) for name in (_CLAIMED_FIELDS if claimed else _EVENT_FIELDS)]
-    xid = _EVENT_FIELDS.index("transaction_id")
-    data, metadata = _EVENT_FIELDS.index("data"), _EVENT_FIELDS.index("metadata")
-
-    def make(values: Sequence[Any]) -> RecordedEvent:
-        picked = [values[i] for i in where]
-        picked[xid] = int(picked[xid])  # xid8 arrives as text
-        for i in (data, metadata):
-            if isinstance(picked[i], _Undecodable):
-                error = picked[i].error
-                reason = f"{type(error).__name__}: {error}"
-                if not claimed:
-                    raise UndecodableEvent(picked[0], reason)
-                picked[data], picked[metadata] = {}, None
-                picked.append(reason)
-                break
-        return cls(*picked)
-
-    return make
-
-
+# data and metadata as text: psycopg's text loader makes them str without a Python
+# call, and the event decodes them when they are first read.
 _EVENT_COLUMNS = (
     "position, transaction_id::text, category, stream_id, version, event_type,"
-    " data, metadata, event_id, recorded_at, cursor"
+    " data::text, metadata::text, event_id, recorded_at, cursor"
 )
-_CLAIMED_COLUMNS = "partition, " + _EVENT_COLUMNS + ", attempts"
+_EVENT_COLUMN_COUNT = 11
+_CLAIMED_COLUMNS = _EVENT_COLUMNS + ", partition, attempts"
 
 
 # One description of each call ------------------------------------------------------
@@ -429,7 +518,7 @@ class _Calls:
     ):
         self._dumps = json_dumps
         self._json_loads = json_loads
-        self._loads = _safe(json_loads)  # for events: see event_rows
+        self._event_rows = _EventRows(json_loads)
 
     def _run(self, call: Call[Any]) -> Any:
         raise NotImplementedError
@@ -440,12 +529,11 @@ class _Calls:
     def _json(self, value: JsonObject | None) -> Jsonb | None:
         return None if value is None else Jsonb(value, self._dumps)
 
-    def _row_factory(self, rows: Rows) -> tuple[Any, Callable[[bytes | str], Any]]:
-        """The row factory for `rows`, and the JSON loads that goes with it."""
+    def _row_factory(self, rows: Rows) -> Any:
         if rows == "events":
-            return event_rows, self._loads
+            return self._event_rows
         assert isinstance(rows, type)
-        return class_row(rows), self._json_loads
+        return class_row(rows)
 
     # Appends ------------------------------------------------------------------
 
@@ -1010,8 +1098,9 @@ class Client(_Calls):
 
     `json_dumps` writes event data, metadata and snapshot states (default: json.dumps
     that also writes datetimes, dates and times as ISO 8601 and UUIDs and Decimals as
-    strings); `json_loads` reads them (default json.loads; for instance
-    `functools.partial(json.loads, parse_float=decimal.Decimal)`).
+    strings); `json_loads` reads them (default: msgspec's decoder where msgspec is
+    installed, else json.loads; for instance `functools.partial(json.loads,
+    parse_float=decimal.Decimal)`). Events decode their data on first access.
     """
 
     def __init__(
@@ -1021,7 +1110,7 @@ class Client(_Calls):
         read_target: Target | None = None,
         prepared_statements: bool | None = None,
         json_dumps: Callable[[Any], str] = default_json_dumps,
-        json_loads: Callable[[bytes | str], Any] = json.loads,
+        json_loads: Callable[[bytes | str], Any] = default_json_loads,
     ):
         super().__init__(json_dumps, json_loads)
         self._connect = Connector(target, prepared_statements=prepared_statements)
@@ -1050,9 +1139,8 @@ class Client(_Calls):
             prepare = connector.prepare(c)
             if call.rows == "tuples":
                 return call.result(c.execute(call.sql, call.params, prepare=prepare).fetchall())
-            row_factory, loads = self._row_factory(call.rows)
-            with c.cursor(row_factory=row_factory) as cur:
-                set_json_loads(loads, cur)
+            with c.cursor(row_factory=self._row_factory(call.rows)) as cur:
+                set_json_loads(self._json_loads, cur)
                 return call.result(cur.execute(call.sql, call.params, prepare=prepare).fetchall())
 
     def _iterate(self, pages: Pages[E]) -> Iterator[E]:
@@ -1081,7 +1169,7 @@ class AsyncClient(_Calls):
         read_target: AsyncTarget | None = None,
         prepared_statements: bool | None = None,
         json_dumps: Callable[[Any], str] = default_json_dumps,
-        json_loads: Callable[[bytes | str], Any] = json.loads,
+        json_loads: Callable[[bytes | str], Any] = default_json_loads,
     ):
         super().__init__(json_dumps, json_loads)
         self._connect = AsyncConnector(target, prepared_statements=prepared_statements)
@@ -1115,9 +1203,8 @@ class AsyncClient(_Calls):
                 if call.rows == "tuples":
                     cursor = await c.execute(call.sql, call.params, prepare=prepare)
                     return call.result(await cursor.fetchall())
-                row_factory, loads = self._row_factory(call.rows)
-                async with c.cursor(row_factory=row_factory) as cur:
-                    set_json_loads(loads, cur)
+                async with c.cursor(row_factory=self._row_factory(call.rows)) as cur:
+                    set_json_loads(self._json_loads, cur)
                     await cur.execute(call.sql, call.params, prepare=prepare)
                     return call.result(await cur.fetchall())
 

@@ -237,8 +237,9 @@ class SchemaTooNew(MeowmxError):
 
 class UndecodableEvent(MeowmxError):
     """A stored event whose data or metadata this Python cannot decode (JSON nested
-    deeper than its recursion limit). Raised by reads; a Worker nacks such an event,
-    so that it is parked after max_attempts, and goes on."""
+    deeper than its recursion limit). Raised when a read event's data or metadata is
+    first accessed; a Worker nacks such an event without calling its handler, so that
+    it is parked after max_attempts, and goes on."""
 
     def __init__(self, position: int, reason: str):
         super().__init__(
@@ -246,6 +247,7 @@ class UndecodableEvent(MeowmxError):
             facts={"position": position},
         )
         self.position = position
+        self.reason = reason
 
 
 def _classes(base: type[MeowmxError]) -> Iterator[type[MeowmxError]]:

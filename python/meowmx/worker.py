@@ -35,7 +35,7 @@ import psycopg
 
 from meowmx.client import AsyncClient, Call, ClaimedEvent, Client, Conn, _Calls
 from meowmx.connection import AsyncTarget, Target
-from meowmx.errors import LeaseLost, MeowmxError, NotInBatch, UndecodableEvent, describe
+from meowmx.errors import LeaseLost, MeowmxError, NotInBatch, describe
 from meowmx.follower import Follower, stop_on_signals
 
 log = logging.getLogger("meowmx.worker")
@@ -628,8 +628,7 @@ def _check_handler(handler: Callable[..., Any], transactional: bool) -> None:
 def _decoded(event: ClaimedEvent) -> None:
     """Raise UndecodableEvent for an event whose JSON could not be decoded: a failure
     of the event (nacked, in time parked), not of the worker."""
-    if event.decode_error is not None:
-        raise UndecodableEvent(event.position, event.decode_error)
+    event.data  # noqa: B018  (decodes data and metadata, or raises UndecodableEvent)
 
 
 def _dsn_of(client: Client | AsyncClient) -> str | None:
