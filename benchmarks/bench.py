@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -493,22 +494,19 @@ def read_pass(client: Client, category: str, decode: bool) -> int:
     return done
 
 
-def read_meowmx(ctx: Ctx, *, decode: bool = True, **client_options: Any) -> Figure:
-    with ctx.connect() as conn:
+def client_read(
+    ctx: Ctx,
+    *,
+    category: str = READ_CATEGORY,
+    dsn: str | None = None,
+    decode: bool = True,
+    **client_options: Any,
+) -> Figure:
+    with ctx.connect(dsn) as conn:
         client = Client(conn, **client_options)
         return {
-            "rate": repeat_for(
-                ctx.settings.duration, lambda: read_pass(client, READ_CATEGORY, decode)
-            )
+            "rate": repeat_for(ctx.settings.duration, lambda: read_pass(client, category, decode))
         }
-
-
-def read_meowmx_stdlib(ctx: Ctx) -> Figure:
-    return read_meowmx(ctx, json_loads=json.loads)
-
-
-def read_meowmx_lazy(ctx: Ctx) -> Figure:
-    return read_meowmx(ctx, decode=False)
 
 
 def raw_read_pass(conn: Conn, query: str = RAW_PAGE, category: str = READ_CATEGORY) -> int:
@@ -521,16 +519,11 @@ def raw_read_pass(conn: Conn, query: str = RAW_PAGE, category: str = READ_CATEGO
         last = rows[-1][0]
 
 
-def read_raw(ctx: Ctx) -> Figure:
-    """psycopg's defaults: jsonb decoded by json.loads into dicts, rows as tuples."""
-    with ctx.connect() as conn:
-        return {"rate": repeat_for(ctx.settings.duration, lambda: raw_read_pass(conn))}
-
-
-def read_raw_text(ctx: Ctx) -> Figure:
+def raw_read(ctx: Ctx, *, query: str = RAW_PAGE, category: str = READ_CATEGORY) -> Figure:
+    """By default psycopg's: jsonb decoded by json.loads into dicts, rows as tuples."""
     with ctx.connect() as conn:
         return {
-            "rate": repeat_for(ctx.settings.duration, lambda: raw_read_pass(conn, RAW_PAGE_TEXT))
+            "rate": repeat_for(ctx.settings.duration, lambda: raw_read_pass(conn, query, category))
         }
 
 
@@ -567,25 +560,6 @@ def fill_replay_data(ctx: Ctx) -> None:
         conn.execute("VACUUM ANALYZE meowmx.events")
         conn.execute("VACUUM ANALYZE bench_raw.events")
     ctx.checkpoint()
-
-
-def replay_meowmx(ctx: Ctx) -> Figure:
-    with ctx.connect() as conn:
-        client = Client(conn)
-        return {
-            "rate": repeat_for(
-                ctx.settings.duration, lambda: read_pass(client, REPLAY_CATEGORY, True)
-            )
-        }
-
-
-def replay_raw(ctx: Ctx) -> Figure:
-    with ctx.connect() as conn:
-        return {
-            "rate": repeat_for(
-                ctx.settings.duration, lambda: raw_read_pass(conn, category=REPLAY_CATEGORY)
-            )
-        }
 
 
 def catch_up(ctx: Ctx, subscription: str, workers: int = 1) -> float:
@@ -790,11 +764,7 @@ def append_big(ctx: Ctx) -> Figure:
 
 
 def read_big(ctx: Ctx) -> Figure:
-    with ctx.connect(ctx.big_dsn) as conn:
-        client = Client(conn)
-        return {
-            "rate": repeat_for(ctx.settings.duration, lambda: read_pass(client, "fill-7", True))
-        }
+    return client_read(ctx, category="fill-7", dsn=ctx.big_dsn)
 
 
 def prepare_read_big(ctx: Ctx) -> None:
@@ -936,7 +906,7 @@ def workloads(s: Settings) -> list[Workload]:
     t = PYTHON_THREADS
     reads = {"reset": no_reset, "prepare": fill_read_data}
     read_side = f"pages of 1000, {s.read_rows:,} of {2 * s.read_rows:,} events"
-    raw_read = "psycopg SELECT of the same rows, pages of 1000 (keyset on id)"
+    raw_side = "psycopg SELECT of the same rows, pages of 1000 (keyset on id)"
     return [
         Workload(
             "append_1c",
@@ -989,19 +959,19 @@ def workloads(s: Settings) -> list[Workload]:
         Workload(
             "read",
             f"Client.read_events(categories=[one]), {read_side}, each event's data read",
-            raw_read + ", jsonb decoded by psycopg's default (json.loads)",
+            raw_side + ", jsonb decoded by psycopg's default (json.loads)",
             rate("Client.read_events, data decoded", 1.0),
-            read_meowmx,
-            read_raw,
+            client_read,
+            raw_read,
             **reads,
         ),
         Workload(
             "read_undecoded",
             "the same, data never accessed (a reader that skips by type)",
-            raw_read + ", data as text (data::text)",
+            raw_side + ", data as text (data::text)",
             rate("Client.read_events, data not accessed", 0.90),
-            read_meowmx_lazy,
-            read_raw_text,
+            functools.partial(client_read, decode=False),
+            functools.partial(raw_read, query=RAW_PAGE_TEXT),
             **reads,
         ),
         Workload(
@@ -1009,8 +979,8 @@ def workloads(s: Settings) -> list[Workload]:
             "the decoded read with Client(json_loads=json.loads) (no msgspec)",
             "the decoding raw read",
             (Metric("rate", "Client.read_events, json.loads", "events/s"),),
-            read_meowmx_stdlib,
-            read_raw,
+            functools.partial(client_read, json_loads=json.loads),
+            raw_read,
             **reads,
         ),
         Workload(
@@ -1029,7 +999,7 @@ def workloads(s: Settings) -> list[Workload]:
             "the decoding raw read",
             rate("subscription catch-up, 1 worker", 0.80),
             catch_up_meowmx,
-            read_raw,
+            raw_read,
             **reads,
         ),
         Workload(
@@ -1047,7 +1017,7 @@ def workloads(s: Settings) -> list[Workload]:
             "the decoding raw read",
             (Metric("rate", "catch-up, 4 partitions, 4 workers", "events/s"),),
             catch_up_partitioned_4w,
-            read_raw,
+            raw_read,
             **reads,
         ),
         Workload(
@@ -1056,8 +1026,8 @@ def workloads(s: Settings) -> list[Workload]:
             " category, whole, data decoded",
             "the decoding raw read of the same log",
             rate(f"replay of {s.replay_rows:,} events", 1.0),
-            replay_meowmx,
-            replay_raw,
+            functools.partial(client_read, category=REPLAY_CATEGORY),
+            functools.partial(raw_read, category=REPLAY_CATEGORY),
             reset=no_reset,
             prepare=fill_replay_data,
         ),
@@ -1099,7 +1069,7 @@ def workloads(s: Settings) -> list[Workload]:
             f"the decoded read of {s.read_rows:,} among {2 * s.read_rows:,} above",
             (Metric("rate", f"Client.read_events at {big} vs small", "events/s"),),
             read_big,
-            read_meowmx,
+            client_read,
             reset=no_reset,
             prepare=prepare_read_big,
         ),

@@ -149,10 +149,13 @@ class RecordedEvent:
         self.cursor = cursor
         self._loads: Callable[[str], Any] | None = None
 
-    def _decode(self, loads: Callable[[str], Any]) -> None:
+    def _decode(self) -> None:
+        """Decode data and metadata, both at once, if they are still text."""
+        if self._loads is None:
+            return
         try:
-            data = loads(self._data)
-            metadata = None if self._metadata is None else loads(self._metadata)
+            data = self._loads(self._data)
+            metadata = None if self._metadata is None else self._loads(self._metadata)
         except RecursionError as error:  # valid jsonb nested deeper than Python recurses
             raise UndecodableEvent(self.position, f"{type(error).__name__}: {error}") from None
         self._data, self._metadata, self._loads = data, metadata, None
@@ -160,23 +163,23 @@ class RecordedEvent:
     @property
     def data(self) -> dict[str, Any]:
         if self._loads is not None:
-            self._decode(self._loads)
+            self._decode()
         return self._data  # type: ignore[no-any-return]
 
     @data.setter
     def data(self, value: dict[str, Any]) -> None:
-        self.metadata  # noqa: B018  (decode the other half first: one state for both)
+        self._decode()
         self._data = value
 
     @property
     def metadata(self) -> dict[str, Any] | None:
         if self._loads is not None:
-            self._decode(self._loads)
+            self._decode()
         return self._metadata  # type: ignore[no-any-return]
 
     @metadata.setter
     def metadata(self, value: dict[str, Any] | None) -> None:
-        self.data  # noqa: B018
+        self._decode()
         self._metadata = value
 
     def _values(self) -> tuple[Any, ...]:
@@ -340,7 +343,7 @@ class _EventRows:
 
     def __call__(self, cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> RowMaker[Any]:
         loads, new = self.loads, object.__new__
-        if len(cursor.description or ()) == _EVENT_COLUMN_COUNT:
+        if len(cursor.description or ()) == len(RecordedEvent._fields):
 
             def event(values: Sequence[Any]) -> RecordedEvent:
                 e = new(RecordedEvent)
@@ -368,7 +371,6 @@ _EVENT_COLUMNS = (
     "position, transaction_id::text, category, stream_id, version, event_type,"
     " data::text, metadata::text, event_id, recorded_at, cursor"
 )
-_EVENT_COLUMN_COUNT = 11
 _CLAIMED_COLUMNS = _EVENT_COLUMNS + ", partition, attempts"
 
 
