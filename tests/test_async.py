@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 import meowmx
 from meowmx import AsyncClient, AsyncWorker, ClaimedEvent, NewEvent
 from meowmx.errors import WrongExpectedVersion
+from meowmx.follower import CHANNEL
 from support import raises_meowmx, scalar, wait_for_horizon
 
 SUB = "projector"
@@ -155,6 +156,11 @@ def test_async_workers_in_one_loop_share_a_subscription(conn: Connection, dsn: s
                 for n in range(2)
             ]
             tasks = [asyncio.create_task(w.run(handle_signals=False)) for w in team]
+            # Both wait for events before the first arrives: a worker keeps the leases of
+            # the partitions it drained, so one that starts late can find all four taken.
+            listening = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            listening += f" AND query = 'LISTEN {CHANNEL}'"
+            await until(lambda: conn.execute(listening).fetchone() == (2,), "both to LISTEN")
             for round_ in range(5):
                 await asyncio.gather(
                     *(
