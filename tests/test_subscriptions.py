@@ -27,7 +27,15 @@ from meowmx.errors import (
     NotInBatch,
     SubscriptionConflict,
 )
-from support import HORIZON_PROBE, call_sql, raises_meowmx, scalar, wait_for_horizon, wait_until
+from support import (
+    HORIZON_PROBE,
+    call_sql,
+    raises_meowmx,
+    scalar,
+    wait_for_horizon,
+    wait_until,
+    wait_until_blocked,
+)
 
 Connection = psycopg.Connection[Any]
 
@@ -543,6 +551,34 @@ def test_start_at_end_skips_history_and_reset_replays(conn: Connection) -> None:
     call_sql(conn, "reset_subscription", "*", name=SUB, start_at="end")
     assert status(conn)[0].events_behind == 0
     assert claim(conn, "w2") == []
+
+
+def test_a_claim_that_waits_out_a_reset_starts_where_the_reset_put_the_partition(
+    conn: Connection, connect: Callable[..., Connection]
+) -> None:
+    """claim_batch scans before it locks the partition row; a reset that commits while
+    the claim waits for that lock moves the checkpoint back, and the claim must scan
+    again from there, not hand out its scan from the old checkpoint (which acks would
+    then move past the replayed events)."""
+    events = append(conn, "s1", 6)
+    wait_for_horizon(conn)
+    create(conn)
+    ack(conn, "w1", claim(conn, "w1", max_count=3)[-1])
+    call_sql(conn, "release", "*", subscription=SUB, worker="w1")
+
+    resetter, claimer = named(connect()), named(connect())
+    resetter.execute("BEGIN")
+    call_sql(resetter, "reset_subscription", "*", name=SUB, start_at="beginning")
+    (claimer_pid,) = claimer.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+    got: list[list[Any]] = []
+    thread = threading.Thread(target=lambda: got.append(claim(claimer, "w2")))
+    thread.start()
+    wait_until_blocked(conn, claimer_pid)  # on the partition row, after its scan
+    resetter.execute("COMMIT")
+    thread.join(timeout=30)
+    assert [positions(batch) for batch in got] == [events]
+    ack(conn, "w2", got[0][-1])
+    assert status(conn)[0].events_behind == 0
 
 
 def test_status_shows_the_true_lag_per_partition(conn: Connection) -> None:

@@ -68,8 +68,9 @@ BEGIN
 END;
 $$;
 
--- Appends a batch to one stream. The public append functions validate their
--- input and call this (append_event only for the less common cases).
+-- Appends a batch with event ids to one stream: a retry of an append that succeeded
+-- returns what it returned. The public append functions validate their input and
+-- call this for events with ids; the rest they insert themselves.
 CREATE FUNCTION meowmx._append(
     category text,
     stream_id text,
@@ -84,97 +85,79 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     head record;
-    given_ids integer := cardinality(array_remove(ids, NULL));
+    stored integer;
     retry record;
 BEGIN
-    IF given_ids > 0 THEN
-        -- Under the stream's lock, so that concurrent retries see each other.
-        PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
-        SELECT
-            count(*) AS found,
-            min(e.category || '/' || e.stream_id) FILTER (
-                WHERE e.category <> _append.category OR e.stream_id <> _append.stream_id
-            ) AS other_stream,
-            -- where the batch would start if this is a retry
-            min(e.version - i.ord) AS base
-        INTO retry
-        FROM unnest(ids) WITH ORDINALITY AS i (id, ord)
-        INNER JOIN meowmx.events AS e ON e.event_id = i.id;
+    -- Under the stream's lock, so that concurrent retries see each other.
+    PERFORM pg_advisory_xact_lock(meowmx._stream_lock_key(category, stream_id));
+    SELECT
+        count(*) AS found,
+        min(e.category || '/' || e.stream_id) FILTER (
+            WHERE e.category <> _append.category OR e.stream_id <> _append.stream_id
+        ) AS other_stream,
+        -- where the batch would start if this is a retry
+        min(e.version - i.ord) AS base
+    INTO retry
+    FROM unnest(ids) WITH ORDINALITY AS i (id, ord)
+    INNER JOIN meowmx.events AS e ON e.event_id = i.id;
 
-        IF retry.other_stream IS NOT NULL THEN
-            PERFORM meowmx._fail('MX002', 'event id already used in another stream',
-                format('an event id of this append is stored in stream %s', retry.other_stream),
-                'Event ids are unique in the store; give each new event a new id.',
-                jsonb_build_object('other_stream', retry.other_stream));
-        ELSIF retry.found > 0 THEN
-            -- A retry of an append that succeeded holds the whole batch at
-            -- consecutive versions, each event with the id it was sent with
-            -- (or none): return what the append returned.
-            IF (
-                SELECT count(*) FROM unnest(ids) WITH ORDINALITY AS i (id, ord)
-                INNER JOIN meowmx.events AS e
-                    ON e.category = _append.category AND e.stream_id = _append.stream_id
-                    AND e.version = retry.base + i.ord
-                WHERE e.event_id IS NOT DISTINCT FROM i.id
-            ) = cardinality(ids) THEN
-                RETURN QUERY
-                SELECT e.version, e.position
-                FROM meowmx.events AS e
-                WHERE e.category = _append.category AND e.stream_id = _append.stream_id
-                    AND e.version BETWEEN retry.base + 1 AND retry.base + cardinality(ids)
-                ORDER BY e.version;
-                RETURN;
-            END IF;
-            PERFORM meowmx._fail('MX003', 'append partly matches events already stored',
-                format('%s of the %s events are already in stream %s/%s',
-                    retry.found, cardinality(ids), category, stream_id),
-                'Resend exactly the events of the earlier append, in the same order, '
-                'or give new events new ids.',
-                jsonb_build_object('stored', retry.found, 'sent', cardinality(ids)));
+    IF retry.other_stream IS NOT NULL THEN
+        PERFORM meowmx._fail('MX002', 'event id already used in another stream',
+            format('an event id of this append is stored in stream %s', retry.other_stream),
+            'Event ids are unique in the store; give each new event a new id.',
+            jsonb_build_object('other_stream', retry.other_stream));
+    ELSIF retry.found > 0 THEN
+        -- A retry of an append that succeeded holds the whole batch at
+        -- consecutive versions, each event with the id it was sent with
+        -- (or none): return what the append returned.
+        IF (
+            SELECT count(*) FROM unnest(ids) WITH ORDINALITY AS i (id, ord)
+            INNER JOIN meowmx.events AS e
+                ON e.category = _append.category AND e.stream_id = _append.stream_id
+                AND e.version = retry.base + i.ord
+            WHERE e.event_id IS NOT DISTINCT FROM i.id
+        ) = cardinality(ids) THEN
+            RETURN QUERY
+            SELECT e.version, e.position
+            FROM meowmx.events AS e
+            WHERE e.category = _append.category AND e.stream_id = _append.stream_id
+                AND e.version BETWEEN retry.base + 1 AND retry.base + cardinality(ids)
+            ORDER BY e.version;
+            RETURN;
         END IF;
+        PERFORM meowmx._fail('MX003', 'append partly matches events already stored',
+            format('%s of the %s events are already in stream %s/%s',
+                retry.found, cardinality(ids), category, stream_id),
+            'Resend exactly the events of the earlier append, in the same order, '
+            'or give new events new ids.',
+            jsonb_build_object('stored', retry.found, 'sent', cardinality(ids)));
     END IF;
 
     head := meowmx._lock_stream(category, stream_id, expected_version);
 
-    IF given_ids = 0 THEN
-        RETURN QUERY
-        WITH inserted AS (
-            INSERT INTO meowmx.events (
-                transaction_id, category, stream_id, version, event_type, data, metadata
-            )
-            SELECT meowmx._shifted(pg_current_xact_id(), head.shift),
-                _append.category, _append.stream_id, head.current_version + i.ord,
-                i.type, i.data, i.metadata
-            FROM unnest(types, _append.data, _append.metadata)
-                WITH ORDINALITY AS i (type, data, metadata, ord)
-            RETURNING events.version, events.position
+    -- A concurrent append to another stream may take one of these ids first:
+    -- the row is then skipped and counted below, instead of a unique_violation.
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO meowmx.events (
+            transaction_id, category, stream_id, version, event_type, data, metadata,
+            event_id
         )
-        SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
-    ELSE
-        -- A concurrent append to another stream may take one of these ids first:
-        -- the row is then skipped and counted below, instead of a unique_violation.
-        RETURN QUERY
-        WITH inserted AS (
-            INSERT INTO meowmx.events (
-                transaction_id, category, stream_id, version, event_type, data, metadata,
-                event_id
-            )
-            SELECT
-                meowmx._shifted(pg_current_xact_id(), head.shift),
-                _append.category, _append.stream_id, head.current_version + i.ord,
-                i.type, i.data, i.metadata, i.id
-            FROM unnest(types, _append.data, _append.metadata, ids)
-                WITH ORDINALITY AS i (type, data, metadata, id, ord)
-            ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING
-            RETURNING events.version, events.position
-        )
-        SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
-        GET DIAGNOSTICS given_ids = ROW_COUNT;
-        IF given_ids <> cardinality(types) THEN
-            PERFORM meowmx._fail('MX002', 'event id already used in another stream',
-                'another transaction stored one of these event ids at the same time',
-                'Event ids are unique in the store; give each new event a new id.');
-        END IF;
+        SELECT
+            meowmx._shifted(pg_current_xact_id(), head.shift),
+            _append.category, _append.stream_id, head.current_version + i.ord,
+            i.type, i.data, i.metadata, i.id
+        FROM unnest(types, _append.data, _append.metadata, ids)
+            WITH ORDINALITY AS i (type, data, metadata, id, ord)
+        ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING
+        RETURNING events.version, events.position
+    )
+    SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
+    GET DIAGNOSTICS stored = ROW_COUNT;
+    IF stored <> cardinality(types) THEN
+        PERFORM meowmx._fail('MX002', 'event id already used in another stream',
+            'another transaction stored one of these event ids at the same time',
+            'Event ids are unique in the store; give each new event a new id.');
     END IF;
 
     PERFORM meowmx._notify();
@@ -266,6 +249,31 @@ CALL meowmx._grant_execute(
     'meowmx.append_event(text, text, text, jsonb, bigint, jsonb, uuid)', 'writer', 'admin'
 );
 
+-- What is wrong with one element of append_events' array, or NULL when nothing is.
+-- SQL-standard body, so it inlines into the query that checks each element.
+CREATE FUNCTION meowmx._event_problem(event jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN jsonb_typeof(event) <> 'object' THEN 'is not a JSON object'
+    WHEN event - '{type,data,metadata,id}'::text[] <> '{}'::jsonb
+        THEN 'has a key other than type, data, metadata and id'
+    WHEN
+        jsonb_typeof(event -> 'type') IS DISTINCT FROM 'string'
+        OR NOT meowmx._valid_name(event ->> 'type')
+        THEN 'needs "type": a non-empty string of at most 255 characters'
+    WHEN jsonb_typeof(event -> 'data') IS DISTINCT FROM 'object'
+        THEN 'needs "data": a JSON object'
+    WHEN jsonb_typeof(event -> 'metadata') NOT IN ('object', 'null')
+        THEN 'has "metadata" that is not a JSON object or null'
+    WHEN
+        jsonb_typeof(event -> 'id') NOT IN ('string', 'null')
+        OR (
+            jsonb_typeof(event -> 'id') = 'string' AND event ->> 'id'
+            !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+        )
+        THEN 'has "id" that is not a UUID string'
+END;
+
 CREATE FUNCTION meowmx.append_events(
     category text,
     stream_id text,
@@ -277,7 +285,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    bad record;
     batch record;
+    head record;
 BEGIN
     PERFORM meowmx._check_stream(category, stream_id);
     IF jsonb_typeof(events) IS DISTINCT FROM 'array' OR jsonb_array_length(events) = 0
@@ -287,56 +297,56 @@ BEGIN
             'Pass [{"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"}, ...];'
             ' metadata and id are optional.');
     END IF;
-
-    -- One pass: the arrays to insert, and what is wrong with the first bad element.
-    SELECT
-        min(x.ord) FILTER (WHERE x.problem IS NOT NULL) AS bad_ord,
-        (array_agg(x.problem ORDER BY x.ord) FILTER (WHERE x.problem IS NOT NULL))[1] AS bad,
-        array_agg(x.value ->> 'type' ORDER BY x.ord) AS types,
-        array_agg(x.value -> 'data' ORDER BY x.ord) AS data,
-        array_agg(nullif(x.value -> 'metadata', 'null') ORDER BY x.ord) AS metadata,
-        array_agg(CASE WHEN x.problem IS NULL THEN (x.value ->> 'id')::uuid END
-            ORDER BY x.ord) AS ids,
-        count(DISTINCT CASE WHEN x.problem IS NULL THEN (x.value ->> 'id')::uuid END)
-            AS distinct_ids,
-        count(x.value ->> 'id') AS ids_given
-    INTO batch
-    FROM (
-        SELECT e.value, e.ord, CASE
-            WHEN jsonb_typeof(e.value) <> 'object' THEN 'is not a JSON object'
-            WHEN e.value - '{type,data,metadata,id}'::text[] <> '{}'::jsonb
-                THEN 'has a key other than type, data, metadata and id'
-            WHEN jsonb_typeof(e.value -> 'type') IS DISTINCT FROM 'string'
-                OR NOT meowmx._valid_name(e.value ->> 'type')
-                THEN 'needs "type": a non-empty string of at most 255 characters'
-            WHEN jsonb_typeof(e.value -> 'data') IS DISTINCT FROM 'object'
-                THEN 'needs "data": a JSON object'
-            WHEN jsonb_typeof(e.value -> 'metadata') NOT IN ('object', 'null')
-                THEN 'has "metadata" that is not a JSON object or null'
-            WHEN jsonb_typeof(e.value -> 'id') NOT IN ('string', 'null')
-                OR (jsonb_typeof(e.value -> 'id') = 'string' AND e.value ->> 'id' !~*
-                    '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
-                THEN 'has "id" that is not a UUID string'
-        END AS problem
-        FROM jsonb_array_elements(events) WITH ORDINALITY AS e (value, ord)
-    ) AS x;
-
-    IF batch.bad_ord IS NOT NULL THEN
+    SELECT e.ord, meowmx._event_problem(e.value) AS problem INTO bad
+    FROM jsonb_array_elements(events) WITH ORDINALITY AS e (value, ord)
+    WHERE meowmx._event_problem(e.value) IS NOT NULL
+    ORDER BY e.ord
+    LIMIT 1;
+    IF FOUND THEN
         PERFORM meowmx._fail('MX013', 'malformed event in events array',
-            format('event %s %s', batch.bad_ord, batch.bad),
+            format('event %s %s', bad.ord, bad.problem),
             'Each event is {"type": "...", "data": {...}, "metadata": {...}, "id": "<uuid>"};'
             ' metadata and id are optional.');
     END IF;
-    IF batch.distinct_ids <> batch.ids_given THEN
-        PERFORM meowmx._fail('MX013', 'duplicate event id in events array',
-            format('%s ids given, %s distinct', batch.ids_given, batch.distinct_ids),
-            'Give each event its own id.');
+    PERFORM meowmx._check_expected_version(expected_version);
+
+    IF events @? '$[*].id ? (@ != null)' THEN
+        -- Ids decide whether this is a retry or a duplicate: _append.
+        SELECT
+            array_agg(e.value ->> 'type' ORDER BY e.ord) AS types,
+            array_agg(e.value -> 'data' ORDER BY e.ord) AS data,
+            array_agg(nullif(e.value -> 'metadata', 'null') ORDER BY e.ord) AS metadata,
+            array_agg((e.value ->> 'id')::uuid ORDER BY e.ord) AS ids,
+            count(DISTINCT (e.value ->> 'id')::uuid) AS distinct_ids,
+            count(e.value ->> 'id') AS ids_given
+        INTO batch
+        FROM jsonb_array_elements(events) WITH ORDINALITY AS e (value, ord);
+        IF batch.distinct_ids <> batch.ids_given THEN
+            PERFORM meowmx._fail('MX013', 'duplicate event id in events array',
+                format('%s ids given, %s distinct', batch.ids_given, batch.distinct_ids),
+                'Give each event its own id.');
+        END IF;
+        RETURN QUERY SELECT * FROM meowmx._append(
+            category, stream_id, expected_version,
+            batch.types, batch.data, batch.metadata, batch.ids);
+        RETURN;
     END IF;
 
-    PERFORM meowmx._check_expected_version(expected_version);
-    RETURN QUERY SELECT * FROM meowmx._append(
-        category, stream_id, expected_version,
-        batch.types, batch.data, batch.metadata, batch.ids);
+    -- Without ids, straight from the array: no arrays built and taken apart again.
+    head := meowmx._lock_stream(category, stream_id, expected_version);
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO meowmx.events (
+            transaction_id, category, stream_id, version, event_type, data, metadata
+        )
+        SELECT meowmx._shifted(pg_current_xact_id(), head.shift),
+            append_events.category, append_events.stream_id, head.current_version + e.ord,
+            e.value ->> 'type', e.value -> 'data', nullif(e.value -> 'metadata', 'null')
+        FROM jsonb_array_elements(events) WITH ORDINALITY AS e (value, ord)
+        RETURNING events.version, events.position
+    )
+    SELECT inserted.version, inserted.position FROM inserted ORDER BY inserted.version;
+    PERFORM meowmx._notify();
 END;
 $$;
 CALL meowmx._grant_execute('meowmx.append_events(text, text, jsonb, bigint)', 'writer', 'admin');

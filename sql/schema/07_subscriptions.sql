@@ -174,6 +174,7 @@ DECLARE
     returned integer;
     last_returned bigint;
     scan_size integer;
+    rescan boolean := false;
 BEGIN
     PERFORM meowmx._check_name('worker', worker, 'MX040');
     PERFORM meowmx._check_max_count(max_count);
@@ -198,20 +199,12 @@ BEGIN
         -- Skip a partition that another claimer is looking at right now.
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(
             hashtextextended('meowmx/partition/' || sub.name || '/' || candidate.partition, 0));
-        -- Nothing after the checkpoint: move on without locking the row, so an
-        -- idle claim writes nothing (no transaction id, no WAL flush).
-        CONTINUE WHEN NOT EXISTS (
-            SELECT FROM meowmx.read_events(
-                after => meowmx._cursor(candidate.checkpoint_xid, candidate.checkpoint_position),
-                max_count => 1, categories => sub.categories, event_types => sub.event_types));
-        -- Read it again under the lock: a claim may have committed since.
-        SELECT * INTO part FROM meowmx.subscription_partitions AS p
-        WHERE p.subscription = sub.name AND p.partition = candidate.partition
-            AND (p.lease_owner IS NULL OR p.lease_owner = worker OR p.lease_expires_at < at)
-            AND (p.retry_at IS NULL OR p.retry_at <= at)
-        FOR UPDATE;
-        CONTINUE WHEN NOT FOUND;
-
+        -- The row is locked at the first event scanned: a partition with nothing
+        -- after its checkpoint is passed over writing nothing (no transaction id, no
+        -- WAL flush), and one with work costs no separate look first.
+        part := NULL;
+        part.checkpoint_xid := candidate.checkpoint_xid;
+        part.checkpoint_position := candidate.checkpoint_position;
         LOOP
             scanned := 0;
             returned := 0;
@@ -222,6 +215,21 @@ BEGIN
                     categories => sub.categories,
                     event_types => sub.event_types)
             LOOP
+                IF part.partition IS NULL THEN
+                    -- Read it again under the lock: a claim may have committed since
+                    -- (then, with scanned = 0, on to the next candidate), or an ack
+                    -- (then scan again from its checkpoint).
+                    SELECT * INTO part FROM meowmx.subscription_partitions AS p
+                    WHERE p.subscription = sub.name AND p.partition = candidate.partition
+                        AND (p.lease_owner IS NULL OR p.lease_owner = worker
+                            OR p.lease_expires_at < at)
+                        AND (p.retry_at IS NULL OR p.retry_at <= at)
+                    FOR UPDATE;
+                    EXIT WHEN NOT FOUND;
+                    rescan := (part.checkpoint_xid, part.checkpoint_position)
+                        <> (candidate.checkpoint_xid, candidate.checkpoint_position);
+                    EXIT WHEN rescan;
+                END IF;
                 scanned := scanned + 1;
                 last_xid := ev.transaction_id;
                 last_position := ev.position;
@@ -236,6 +244,10 @@ BEGIN
                     EXIT WHEN returned = max_count;
                 END IF;
             END LOOP;
+            IF rescan THEN
+                rescan := false;
+                CONTINUE;
+            END IF;
             EXIT WHEN scanned = 0;
 
             IF returned > 0 THEN

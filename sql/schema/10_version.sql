@@ -10,4 +10,5 @@ INSERT INTO meowmx.migrations (version, name) VALUES
 (8, 'session_move_check'),
 (9, 'session_shift'),
 (10, 'standby_batches'),
-(11, 'metrics');
+(11, 'metrics'),
+(12, 'faster_batches');
